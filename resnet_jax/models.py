@@ -187,7 +187,9 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
         outputs["stem"] = x
 
-        for stage, (num_blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+        for stage, (num_blocks, filters) in enumerate(
+            zip(self.stage_sizes, self.stage_widths, strict=True)
+        ):
             for block in range(num_blocks):
                 extra = {}
                 if self.block_cls is Bottleneck:
