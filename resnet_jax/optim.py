@@ -1,0 +1,157 @@
+"""The optimizer and learning-rate schedule, built from the config with Optax.
+
+Everything tunable is a config key; nothing here hides a constant. The pieces:
+
+- `create_learning_rate_schedule`: linear warmup, then cosine decay, step decay or a constant. Schedules are
+  functions of the optimizer step (0-based: the learning rate used by the update that makes step 1).
+- `weight_decay_mask`: which parameters get weight decay. Only kernels (ndim > 1: conv HWIO, dense (in, out));
+  never BatchNorm scale/bias nor biases (all ndim == 1), as in Goyal et al. 2017 and most ImageNet recipes.
+- `create_optimizer`: SGD with (Nesterov) momentum, LARS or AdamW, with optional global-norm clipping, and an
+  optional split into parameter groups (`optax.multi_transform`) with their own learning-rate multipliers,
+  a multiplier of 0 freezing the group (no update, no optimizer state, no weight decay).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+PyTree = Any
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """`config.num_train_steps` if positive, else `config.num_epochs` epochs of `steps_per_epoch`."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """The schedule named by `config.lr_schedule`, in optimizer steps.
+
+    - "cosine": linear warmup from 0 over `warmup_epochs`, then cosine decay to 0 at the last step.
+    - "step": linear warmup, then `learning_rate` multiplied by `lr_decay_factor` at each boundary of
+      `lr_decay_epochs` (in epochs) or `lr_decay_steps` (in steps; exactly one of the two is set).
+    - "constant": linear warmup, then `learning_rate`.
+
+    Warmup starts at 0 and reaches `learning_rate` at step `warmup_steps` (Goyal et al. 2017).
+    """
+    base_lr = config.learning_rate
+    total_steps = total_train_steps(config, steps_per_epoch)
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup_steps >= total_steps and config.warmup_epochs > 0:
+        raise ValueError(
+            f"warmup_epochs={config.warmup_epochs} is {warmup_steps} steps, not fewer than the "
+            f"{total_steps} training steps"
+        )
+    name = config.lr_schedule
+    if name == "cosine":
+        main = optax.cosine_decay_schedule(base_lr, decay_steps=max(total_steps - warmup_steps, 1))
+    elif name == "step":
+        epochs, steps = tuple(config.lr_decay_epochs), tuple(config.lr_decay_steps)
+        if bool(epochs) == bool(steps):
+            raise ValueError(
+                "lr_schedule='step' needs exactly one of lr_decay_epochs or lr_decay_steps; "
+                f"got lr_decay_epochs={epochs}, lr_decay_steps={steps}"
+            )
+        boundaries = steps or tuple(int(round(e * steps_per_epoch)) for e in epochs)
+        main = optax.piecewise_constant_schedule(
+            base_lr,
+            # Boundaries are absolute steps; the schedule after warmup counts from the end of warmup.
+            {int(b) - warmup_steps: config.lr_decay_factor for b in boundaries},
+        )
+    elif name == "constant":
+        main = optax.constant_schedule(base_lr)
+    else:
+        raise ValueError(f"unknown lr_schedule {name!r}; expected 'cosine', 'step' or 'constant'")
+    if warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, base_lr, transition_steps=warmup_steps)
+    return optax.join_schedules([warmup, main], boundaries=[warmup_steps])
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """True for the parameters that get weight decay: kernels (ndim > 1), not BN scale/bias nor biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _base_optimizer(
+    config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    name = config.optimizer
+    if name == "sgd":
+        # Decay added to the gradient before momentum: torch.optim.SGD(weight_decay=...)'s update.
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+            optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov),
+        )
+    if name == "lars":
+        # LARS (You et al. 2017): the same mask excludes BN/bias from decay and from the trust ratio.
+        return optax.lars(
+            learning_rate,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=weight_decay_mask,
+            trust_coefficient=config.lars_trust_coefficient,
+            trust_ratio_mask=weight_decay_mask,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+    if name == "adamw":
+        return optax.adamw(
+            learning_rate,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
+    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd', 'lars' or 'adamw'")
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: optax.Schedule,
+    *,
+    param_labels: PyTree | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
+) -> optax.GradientTransformation:
+    """The optimizer of `config.optimizer`, with optional clipping and parameter groups.
+
+    Args:
+      config: reads optimizer, momentum, nesterov, weight_decay, grad_clip_norm, lars_trust_coefficient,
+        adam_b1, adam_b2, adam_eps.
+      learning_rate_fn: the schedule (see `create_learning_rate_schedule`).
+      param_labels: for fine-tuning, a pytree like the params whose leaves are group names (e.g.
+        "backbone", "head"). None: one group.
+      lr_multipliers: group name -> factor on the learning rate; 0 freezes the group. Groups not listed get 1.
+    """
+    if param_labels is None:
+        tx = _base_optimizer(config, learning_rate_fn)
+    else:
+        multipliers = dict(lr_multipliers or {})
+
+        def group_optimizer(multiplier: float) -> optax.GradientTransformation:
+            if multiplier == 0.0:
+                return optax.set_to_zero()
+            return _base_optimizer(config, lambda step: multiplier * learning_rate_fn(step))
+
+        groups = set(jax.tree.leaves(param_labels))
+        if unknown := set(multipliers) - groups:
+            raise ValueError(
+                f"lr_multipliers name groups {sorted(unknown)} that no parameter has; "
+                f"groups: {sorted(groups)}"
+            )
+        tx = optax.multi_transform(
+            {group: group_optimizer(multipliers.get(group, 1.0)) for group in groups},
+            param_labels,
+        )
+    if config.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx

@@ -1,0 +1,144 @@
+"""The training and evaluation steps: pure functions of one device's share of a batch.
+
+Each step is written once, for one device, and reaches the other devices only through collectives over
+`axis_name` (`lax.pmean` of gradients, metrics and BatchNorm statistics; `lax.psum` of eval counts).
+`resnet_jax.parallel` compiles the same function with `jax.shard_map` inside `jax.jit` or with `jax.pmap`;
+nothing here knows how many devices there are or where they are.
+
+Gradients are averaged with `lax.pmean`, which is right for `jax.pmap` and for `jax.shard_map` with
+`check_vma=False` (see parallel.py: with the default `check_vma=True`, shard_map already sums the gradient
+of a replicated parameter and the pmean would leave it N times too large).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from resnet_jax.train_state import TrainState
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+ApplyFn = Callable[..., Any]
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy, in float32, against labels smoothed by `label_smoothing`."""
+    chex.assert_rank(logits, 2)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def correct_predictions(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example float32 indicators: top-1 correct, and label among the top 5 (top k for k < 5 classes)."""
+    top1 = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    _, top_indices = lax.top_k(logits, min(5, logits.shape[-1]))
+    top5 = jnp.any(top_indices == labels[:, None], axis=-1).astype(jnp.float32)
+    return top1, top5
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    apply_fn: ApplyFn,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    label_smoothing: float,
+    ema_decay: float,
+    axis_name: str = "data",
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update from this device's `batch` ({'image': (B, H, W, C) float, 'label': (B,) int}).
+
+    BatchNorm is synced when `apply_fn`'s model was built with `bn_axis_name=axis_name`; otherwise each device
+    normalizes with its own batch statistics. Either way the new running statistics are averaged over devices
+    (a no-op up to rounding when synced) so that the state stays replicated.
+
+    Returns the new state and device-averaged metrics: loss, accuracy, top5_accuracy (of this batch, before
+    the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged grads).
+    """
+    images, labels = batch["image"], batch["label"]
+    chex.assert_rank(images, 4)
+    chex.assert_shape(labels, (images.shape[0],))
+
+    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+        logits, updates = apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = jnp.mean(cross_entropy_loss(logits, labels, label_smoothing))
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, axis_name)
+    batch_stats = lax.pmean(batch_stats, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
+
+    top1, top5 = correct_predictions(logits, labels)
+    metrics = lax.pmean(
+        {"loss": loss, "accuracy": jnp.mean(top1), "top5_accuracy": jnp.mean(top5)}, axis_name
+    )
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+    )
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    apply_fn: ApplyFn,
+    use_ema: bool = False,
+    axis_name: str = "data",
+) -> Metrics:
+    """Sums over all devices of this eval batch's masked loss, top-1, top-5 and example count.
+
+    `batch['mask']` is 1 for real examples and 0 for the padding that fills the last batch; summing masked
+    counts (not averaging per-batch means) counts every example of the split exactly once. The loss is the
+    plain cross-entropy, without label smoothing. `summarize_eval` turns accumulated sums into means.
+    """
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    chex.assert_rank(images, 4)
+    params = state.ema_params if use_ema else state.params
+    logits = apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=False)
+    top1, top5 = correct_predictions(logits, labels)
+    mask = mask.astype(jnp.float32)
+    sums = {
+        "loss_sum": jnp.sum(cross_entropy_loss(logits, labels, 0.0) * mask),
+        "correct": jnp.sum(top1 * mask),
+        "top5_correct": jnp.sum(top5 * mask),
+        "count": jnp.sum(mask),
+    }
+    return lax.psum(sums, axis_name)
+
+
+def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
+    """Accumulated `eval_step` sums -> {'loss', 'accuracy', 'top5_accuracy'} over every counted example."""
+    count = float(sums["count"])
+    if count == 0:
+        raise ValueError("the eval split yielded no examples")
+    return {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": float(sums["correct"]) / count,
+        "top5_accuracy": float(sums["top5_correct"]) / count,
+    }
