@@ -10,6 +10,7 @@ not needed (and not imported). Metric names in TensorBoard are the keys of `metr
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import numbers
@@ -198,6 +199,7 @@ class ProgressBar:
         self.enabled = enabled and _isatty(file)
         self._bar = None
         self._postfix: dict[str, str] = {}
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=50)
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -209,8 +211,8 @@ class ProgressBar:
             unit="step",
             file=file,
             dynamic_ncols=True,
-            # tqdm's rate and ETA are smoothed over recent updates; the first (compiling) step would
-            # otherwise dominate the ETA for a long time.
+            # Rate and ETA from a moving average of recent steps: in an overall average the first
+            # (compiling) step would dominate the ETA for a long time.
             smoothing=0.1,
         )
 
@@ -219,11 +221,11 @@ class ProgressBar:
         if not self.enabled:
             return
         self._bar.update(n)
-        rate = self._bar.format_dict.get(
-            "rate"
-        )  # smoothed steps/s; None until tqdm has measured it
-        if self.images_per_step and rate:
-            self._postfix["img/s"] = f"{rate * self.images_per_step:,.0f}"
+        self._recent.append((time.perf_counter(), self._bar.n))
+        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
+        if self.images_per_step and t1 > t0:
+            # Over the last updates only, so the first (compiling) step soon stops counting.
+            self._postfix["img/s"] = f"{(n1 - n0) * self.images_per_step / (t1 - t0):,.0f}"
         for key, value in postfix.items():
             try:
                 self._postfix[key] = f"{_to_float(key, value):.4g}"

@@ -1,0 +1,272 @@
+"""Top-k predictions of a checkpoint on image files.
+
+    python -m resnet_jax.predict --checkpoint ckpt/resnet50_tv --model resnet50 cat.jpg dog.png --top_k 5
+
+The checkpoint is a variables checkpoint (`python -m resnet_jax.convert` writes one from torchvision
+weights) or anything `resnet_jax.checkpoint.load_variables` reads. Images are preprocessed as torchvision
+evaluates: resize the shorter side to `image_size / crop_fraction` (256 for 224), center-crop
+`image_size`, scale to [0, 1], normalize with the ImageNet mean and std.
+
+Class names: the checkpoint metadata's `class_names` when present (the dataset's names, written by the
+trainer); otherwise the ImageNet names when the head has 1000 outputs; otherwise class indices.
+Metadata may also set `model`, `image_size`, `crop_fraction` and `normalization` (a name, or
+`{"mean": [...], "std": [...]}`), which then become the defaults of the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models import CIFAR_MODELS, create_model, list_models
+
+# Per-channel statistics of the ImageNet training set in [0, 1] RGB (the torchvision constants).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": None,  # pixels in [0, 1]
+}
+IMAGENET_CROP_FRACTION = 224 / 256
+
+Prediction = list[
+    tuple[int, str, float]
+]  # (class index, class name, probability), most probable first
+
+
+class PredictError(Exception):
+    """A problem with the user's input (file, model name, checkpoint); the CLI prints it as one line."""
+
+
+def load_image(
+    path: str,
+    image_size: int,
+    crop_fraction: float = IMAGENET_CROP_FRACTION,
+    normalization: str | Mapping[str, Sequence[float]] = "imagenet",
+    channels: int = 3,
+) -> np.ndarray:
+    """Reads one image file as a float32 `(image_size, image_size, channels)` array, ready for the model.
+
+    As torchvision's eval transform: resize the shorter side to `int(image_size / crop_fraction)`
+    (bilinear, antialiased), center-crop, scale to [0, 1], subtract mean and divide by std.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise PredictError(f"no image file at {path}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise PredictError(f"cannot read {path} as an image: {e}") from None
+    resize_to = int(image_size / crop_fraction)
+    width, height = img.size
+    # torchvision's Resize(int): the shorter side becomes `resize_to`, the longer one keeps the aspect.
+    if width <= height:
+        new_size = (resize_to, int(resize_to * height / width))
+    else:
+        new_size = (int(resize_to * width / height), resize_to)
+    img = img.resize(new_size, Image.BILINEAR)
+    left = int(round((new_size[0] - image_size) / 2.0))
+    top = int(round((new_size[1] - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[..., None]
+    mean_std = _mean_std(normalization)
+    if mean_std is not None:
+        mean, std = (np.asarray(v, np.float32)[:channels] for v in mean_std)
+        x = (x - mean) / std
+    return x
+
+
+def _mean_std(
+    normalization: str | Mapping[str, Sequence[float]],
+) -> tuple[Sequence[float], Sequence[float]] | None:
+    if isinstance(normalization, Mapping):
+        return normalization["mean"], normalization["std"]
+    if normalization not in NORMALIZATIONS:
+        raise PredictError(
+            f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}"
+        )
+    return NORMALIZATIONS[normalization]
+
+
+def class_names_for(num_classes: int, class_names: Sequence[str] | None = None) -> list[str] | None:
+    """The names to show: the given ones, else ImageNet's for a 1000-way head, else None (indices)."""
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise PredictError(
+                f"{len(class_names)} class names for a head with {num_classes} classes"
+            )
+        return list(class_names)
+    if num_classes == 1000:
+        from resnet_jax.imagenet_classes import IMAGENET_CLASSES
+
+        return list(IMAGENET_CLASSES)
+    return None
+
+
+def _head_shape(variables: Mapping[str, Any]) -> tuple[int, int]:
+    """(num_classes, in_channels) read from the checkpoint's own parameters."""
+    params = variables.get("params", {})
+    if "fc" not in params:
+        raise PredictError("the checkpoint has no classifier ('fc'): it is a feature extractor")
+    num_classes = int(np.shape(params["fc"]["bias"])[0])
+    in_channels = int(np.shape(params["stem_conv"]["kernel"])[2])  # HWIO
+    return num_classes, in_channels
+
+
+def _check_variables_fit(model: Any, variables: Mapping[str, Any], model_name: str) -> None:
+    """One error naming the mismatched entries, instead of a shape error deep inside `apply`."""
+    image = jnp.zeros((1, 32, 32, model.in_channels), jnp.float32)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), image))
+    want = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    have = {
+        jax.tree_util.keystr(k): np.shape(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(
+            {c: variables[c] for c in expected if c in variables}
+        )
+    }
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k}: {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 4 else ""
+        )
+        raise PredictError(f"the checkpoint's variables do not fit {model_name}: {shown}")
+
+
+def predict(
+    variables: Mapping[str, Any],
+    model_name: str,
+    images: np.ndarray,
+    top_k: int = 5,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Top-`top_k` classes for each image of a preprocessed batch `(N, H, W, C)` (see `load_image`).
+
+    Returns one list per image of `(class_index, class_name, probability)`, most probable first.
+    Names come from `class_names`, else ImageNet's for 1000 classes, else the index as a string.
+    """
+    if model_name not in list_models():
+        raise PredictError(f"unknown model {model_name!r}; available: {', '.join(list_models())}")
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise PredictError(f"expected a batch of images (N, H, W, C), got shape {images.shape}")
+    num_classes, in_channels = _head_shape(variables)
+    model = create_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    _check_variables_fit(model, variables, model_name)
+    names = class_names_for(num_classes, class_names)
+    top_k = min(top_k, num_classes)
+    model_variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+    @jax.jit
+    def probabilities(x: jax.Array) -> jax.Array:
+        return jax.nn.softmax(model.apply(model_variables, x, train=False), axis=-1)
+
+    results = []
+    for start in range(0, len(images), batch_size):
+        probs = np.asarray(probabilities(images[start : start + batch_size]))
+        for row in probs:
+            top = np.argsort(-row, kind="stable")[:top_k]
+            results.append(
+                [(int(i), names[i] if names else str(int(i)), float(row[i])) for i in top]
+            )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_jax.predict",
+        description="Print the top-k classes with probabilities for image files.",
+    )
+    parser.add_argument("images", nargs="+", help="image files (anything PIL reads)")
+    parser.add_argument("--checkpoint", required=True, help="variables checkpoint or workdir")
+    parser.add_argument("--model", default=None, help="model name (default: from the checkpoint)")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument(
+        "--image_size", type=int, default=None, help="crop size (default: checkpoint's, else 224)"
+    )
+    parser.add_argument(
+        "--crop_fraction",
+        type=float,
+        default=None,
+        help="crop / resize ratio (default 224/256; 1.0 for CIFAR models: resize only)",
+    )
+    parser.add_argument(
+        "--normalization",
+        default=None,
+        choices=sorted(NORMALIZATIONS),
+        help="pixel statistics (default: the checkpoint's, else imagenet)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        for line in _run(args):
+            print(line)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> list[str]:
+    from resnet_jax.checkpoint import load_variables
+
+    if args.top_k < 1:
+        raise PredictError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.model is not None and args.model not in list_models():
+        raise PredictError(f"unknown model {args.model!r}; available: {', '.join(list_models())}")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        raise PredictError(f"no image file at {', '.join(missing)}")
+    if not os.path.exists(args.checkpoint):
+        raise PredictError(f"no checkpoint at {args.checkpoint}")
+    try:
+        variables, metadata = load_variables(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(str(e)) from None
+
+    model_name = args.model or metadata.get("model")
+    if model_name is None:
+        raise PredictError("the checkpoint does not name its model; pass --model")
+    if args.model and metadata.get("model") not in (None, args.model):
+        raise PredictError(
+            f"the checkpoint holds {metadata['model']!r} but --model is {args.model!r}"
+        )
+    is_cifar = model_name in CIFAR_MODELS
+    image_size = args.image_size or metadata.get("image_size") or (32 if is_cifar else 224)
+    crop_fraction = args.crop_fraction or metadata.get("crop_fraction")
+    crop_fraction = crop_fraction or (1.0 if is_cifar else IMAGENET_CROP_FRACTION)
+    normalization = args.normalization or metadata.get("normalization") or "imagenet"
+    _, in_channels = _head_shape(variables)
+
+    batch = np.stack(
+        [
+            load_image(path, image_size, crop_fraction, normalization, channels=in_channels)
+            for path in args.images
+        ]
+    )
+    results = predict(
+        variables, model_name, batch, args.top_k, class_names=metadata.get("class_names")
+    )
+    lines = []
+    for path, prediction in zip(args.images, results, strict=True):
+        lines.append(path)
+        for rank, (index, name, prob) in enumerate(prediction, start=1):
+            label = f"{name} (class {index})" if name != str(index) else f"class {index}"
+            lines.append(f"  {rank}. {prob:7.2%}  {label}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

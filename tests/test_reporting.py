@@ -1,0 +1,204 @@
+"""Metrics files, TensorBoard events (read back with TensorBoard's own reader), the progress bar, PNG curves."""
+
+import io
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import plot, reporting
+
+
+def _write_sample_run(workdir: str, num_steps: int = 40, eval_every: int = 10) -> None:
+    with reporting.MetricWriter(workdir) as writer:
+        writer.write_hparams(
+            {
+                "model": "cifar_resnet20",
+                "learning_rate": 0.1,
+                "optimizer": {"nesterov": True},
+                "milestones": (32000, 48000),
+            }
+        )
+        for step in range(1, num_steps + 1):
+            metrics = {
+                # jax and numpy scalars, as the trainer hands them over.
+                "train_loss": jnp.float32(2.3 / step),
+                "train_accuracy": np.float32(1 - 1 / step),
+                "learning_rate": 0.1,
+            }
+            if step % eval_every == 0:
+                metrics.update(eval_loss=2.5 / step, eval_accuracy=1 - 1.5 / step)
+            writer.write(step, metrics)
+
+
+def _read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(logdir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def test_metrics_jsonl_lines_parse_and_have_step(tmp_path):
+    _write_sample_run(str(tmp_path))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 40
+    assert all("step" in r and "train_loss" in r for r in records)
+    assert records[9]["eval_accuracy"] == pytest.approx(0.85)
+    assert records[0]["train_loss"] == pytest.approx(2.3)
+    assert "eval_loss" not in records[0]
+
+
+def test_tensorboard_events_hold_the_same_metrics(tmp_path):
+    _write_sample_run(str(tmp_path))
+    scalars = _read_scalars(str(tmp_path / "tensorboard"))
+    assert set(scalars) == {
+        "train_loss",
+        "train_accuracy",
+        "learning_rate",
+        "eval_loss",
+        "eval_accuracy",
+    }
+    assert [step for step, _ in scalars["eval_accuracy"]] == [10, 20, 30, 40]
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for step, value in scalars["train_loss"]:
+        assert value == pytest.approx(jsonl[step - 1]["train_loss"], rel=1e-6)
+
+
+def test_hparams_go_to_config_json_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _write_sample_run(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["optimizer"] == {"nesterov": True} and config["milestones"] == [32000, 48000]
+
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    assert "config" in accumulator.Tags()["tensors"]
+    content = accumulator.PluginTagToContent("hparams")
+    [raw] = content.values()
+    session = plugin_data_pb2.HParamsPluginData.FromString(raw).session_start_info
+    assert session.hparams["learning_rate"].number_value == pytest.approx(0.1)
+    assert session.hparams["optimizer.nesterov"].bool_value is True
+    assert session.hparams["model"].string_value == "cifar_resnet20"
+    assert session.hparams["milestones"].string_value == "[32000, 48000]"
+
+
+def test_resumed_writer_appends_and_nonfinite_values_stay_parseable(tmp_path):
+    _write_sample_run(str(tmp_path), num_steps=5)
+    with reporting.MetricWriter(str(tmp_path)) as writer:
+        writer.write(6, {"train_loss": float("nan")})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["train_loss"] is None
+    steps, _ = reporting.load_metrics(str(tmp_path / "metrics.jsonl"))["train_loss"]
+    assert steps.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    writer = reporting.MetricWriter(str(workdir), enabled=False)
+    writer.write_hparams({"model": "resnet18"})
+    writer.write(1, {"train_loss": 1.0})
+    writer.flush()
+    writer.close()
+    assert not workdir.exists()
+
+
+def test_non_scalar_metric_is_rejected_with_its_name(tmp_path):
+    with reporting.MetricWriter(str(tmp_path)) as writer:
+        with pytest.raises(TypeError, match="'train_loss' must be a real scalar"):
+            writer.write(1, {"train_loss": np.ones(3)})
+
+
+def test_plot_is_a_png_of_sensible_size(tmp_path):
+    _write_sample_run(str(tmp_path / "a"))
+    out = tmp_path / "curves.png"
+    reporting.plot_curves(str(tmp_path / "a" / "metrics.jsonl"), str(out))
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert 600 <= width <= 2000 and 300 <= height <= 1200
+        # Not a blank canvas: the curves put many distinct colors on it.
+        assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 50
+
+
+def test_plot_cli_compares_runs_and_tolerates_runs_without_eval(tmp_path, capsys):
+    _write_sample_run(str(tmp_path / "a"))
+    _write_sample_run(str(tmp_path / "b"), num_steps=5, eval_every=100)  # no eval yet
+    out = tmp_path / "compare.png"
+    code = plot.main(
+        [
+            str(tmp_path / "a"),
+            str(tmp_path / "b" / "metrics.jsonl"),
+            "--labels",
+            "sgd",
+            "adamw",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and out.exists()
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+
+
+def test_plot_cli_missing_file_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert plot.main([str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.jsonl" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_with_no_metrics_at_all_still_writes_a_png(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    reporting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "empty.png"))
+    with Image.open(tmp_path / "empty.png") as image:
+        assert image.format == "PNG"
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_steps_images_per_second_and_loss_on_a_terminal():
+    stream = _FakeTerminal()
+    bar = reporting.ProgressBar(10, desc="train", initial=2, images_per_step=128, file=stream)
+    assert bar.enabled
+    for step in range(8):
+        bar.update(1, **({"loss": jnp.float32(0.5)} if step == 0 else {}))
+    bar.close()
+    final = stream.getvalue().split("\r")[-1]
+    assert "10/10" in final and "loss=0.5" in final and "img/s=" in final
+
+
+def test_progress_bar_is_off_without_a_terminal_or_when_disabled():
+    stream = io.StringIO()  # isatty() is False: a log file or CI
+    bar = reporting.ProgressBar(10, file=stream)
+    bar.update(5, loss=1.0)
+    bar.close()
+    disabled = reporting.ProgressBar(10, enabled=False, file=_FakeTerminal())
+    disabled.update(5, loss=1.0)
+    disabled.close()
+    assert not bar.enabled and not disabled.enabled
+    assert stream.getvalue() == ""
+
+
+def test_plot_curves_png_written_atomically(tmp_path):
+    _write_sample_run(str(tmp_path))
+    reporting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    assert sorted(os.listdir(tmp_path)) == [
+        "config.json",
+        "curves.png",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
