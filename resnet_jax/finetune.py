@@ -1,0 +1,219 @@
+"""Fine-tuning: a pretrained backbone under a freshly initialized head, and how much of it trains.
+
+`config.init_from` names a checkpoint (a training workdir of ours, or a variables checkpoint written by
+`python -m resnet_jax.convert`). `load_pretrained` reads its params and batch_stats, keeps the new model's freshly
+initialized classifier (`fc`, sized for the new `num_classes`), and checks every other parameter against the new
+model: one error lists every missing, unexpected and mis-shaped path at once.
+
+`config.finetune_mode` chooses what trains:
+
+| mode           | backbone weights            | BatchNorm statistics      | head  |
+|----------------|-----------------------------|---------------------------|-------|
+| "full"         | train (lr x `backbone_lr_multiplier`) | updated from batches | train |
+| "frozen_bn"    | train (lr x `backbone_lr_multiplier`) | frozen (running stats) | train |
+| "linear_probe" | frozen (zero update)        | frozen (running stats)    | train |
+
+Frozen BatchNorm is the model option `bn_frozen=True` (normalize with the running statistics even in training),
+which is what small fine-tuning batches want. Parameter groups go to `optim.create_optimizer` as a label tree
+(`param_groups`) and learning-rate multipliers (`lr_multipliers`): a multiplier of 0 is `optax.set_to_zero`, so a
+linear probe leaves the backbone bit-identical and keeps no optimizer state for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from resnet_jax.checkpoint import load_variables
+
+Variables = dict[str, Any]
+PyTree = Any
+
+FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
+HEAD = "head"
+BACKBONE = "backbone"
+DEFAULT_HEAD_NAMES = ("fc",)
+
+
+class CheckpointMismatchError(ValueError):
+    """The pretrained variables do not fit the model beyond its head; the message lists every difference."""
+
+
+def _flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[tuple(str(getattr(key, "key", key)) for key in path)] = leaf
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def _architecture_summary(params: Mapping[str, Any]) -> str:
+    """'8 residual blocks per stage (2, 2, 2, 2), basic' from the module names, for the mismatch hint."""
+    blocks: dict[int, int] = {}
+    bottleneck = False
+    for name, module in params.items():
+        if match := re.fullmatch(r"stage(\d+)_block(\d+)", name):
+            stage, block = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block)
+            bottleneck = bottleneck or "conv3" in module
+    stage_sizes = tuple(blocks[s] for s in sorted(blocks))
+    kind = "bottleneck" if bottleneck else "basic"
+    return f"blocks per stage {stage_sizes} ({kind})"
+
+
+def merge_pretrained(
+    init_variables: Mapping[str, Any],
+    pretrained_variables: Mapping[str, Any],
+    *,
+    head_names: Sequence[str] = DEFAULT_HEAD_NAMES,
+    pretrained_name: str | None = None,
+    model_name: str | None = None,
+) -> Variables:
+    """The model's variables with every non-head params/batch_stats entry taken from `pretrained_variables`.
+
+    Args:
+      init_variables: the new model's freshly initialized `{'params', 'batch_stats'}` (arrays or
+        `jax.ShapeDtypeStruct`s: only their shapes and dtypes are read where the pretrained value is used).
+      pretrained_variables: `{'params', 'batch_stats'}` of the checkpoint (numpy or jax arrays).
+      head_names: top-level modules that stay freshly initialized whatever the checkpoint holds (the
+        classifier, sized for the new `num_classes`). `()` takes everything from the checkpoint.
+      pretrained_name, model_name: architecture names, only used to word the error.
+
+    Returns:
+      `{'params', 'batch_stats'}`: pretrained backbone values (cast to the model's dtypes), fresh head.
+
+    Raises:
+      CheckpointMismatchError: listing every path the model has and the checkpoint lacks, every path the
+        checkpoint has and the model lacks, and every shape that differs (outside `head_names`).
+    """
+    heads = set(head_names)
+    missing: list[str] = []
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    chosen: dict[str, dict[tuple[str, ...], tuple[Any, Any]]] = {}
+    for collection in ("params", "batch_stats"):
+        init_flat = _flatten(init_variables.get(collection) or {})
+        pretrained_flat = _flatten(pretrained_variables.get(collection) or {})
+        # path -> (value, dtype): the value is only read once every path has been checked, so a mismatch
+        # between abstract (ShapeDtypeStruct) trees is reported without touching any array.
+        out: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        for path, init_leaf in init_flat.items():
+            name = "/".join((collection, *path))
+            if path[0] in heads:
+                out[path] = (init_leaf, None)
+            elif path not in pretrained_flat:
+                missing.append(f"{name} {tuple(init_leaf.shape)}")
+            elif tuple(pretrained_flat[path].shape) != tuple(init_leaf.shape):
+                misshaped.append(
+                    f"{name}: checkpoint {tuple(pretrained_flat[path].shape)}, "
+                    f"model {tuple(init_leaf.shape)}"
+                )
+            else:
+                out[path] = (pretrained_flat[path], init_leaf.dtype)
+        unexpected += [
+            f"{'/'.join((collection, *path))} {tuple(leaf.shape)}"
+            for path, leaf in pretrained_flat.items()
+            if path not in init_flat and path[0] not in heads
+        ]
+        chosen[collection] = out
+
+    if missing or unexpected or misshaped:
+        lines = [
+            f"the checkpoint{f' ({pretrained_name})' if pretrained_name else ''} does not fit the model"
+            f"{f' ({model_name})' if model_name else ''} beyond its head {sorted(heads)}: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"
+        ]
+        for title, entries in (
+            ("missing from the checkpoint", missing),
+            ("unexpected (in the checkpoint, not in the model)", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if entries:
+                lines.append(f"{title}:")
+                lines += [f"  {entry}" for entry in entries]
+        model_arch = _architecture_summary(init_variables.get("params") or {})
+        checkpoint_arch = _architecture_summary(pretrained_variables.get("params") or {})
+        if model_arch != checkpoint_arch:
+            lines.append(
+                f"hint: this looks like a different architecture: the checkpoint has {checkpoint_arch}, "
+                f"the model {model_arch}; set config.model to the checkpoint's model"
+                f"{f' ({pretrained_name!r})' if pretrained_name else ''}"
+            )
+        elif misshaped and not (missing or unexpected):
+            lines.append(
+                "hint: same layout, different widths: check the model variant (e.g. wide_/resnext) "
+                "and in_channels"
+            )
+        raise CheckpointMismatchError("\n".join(lines))
+    return {
+        collection: _unflatten(
+            {
+                path: value if dtype is None else np.asarray(value, dtype=dtype)
+                for path, (value, dtype) in flat.items()
+            }
+        )
+        for collection, flat in chosen.items()
+    }
+
+
+def load_pretrained(
+    init_variables: Mapping[str, Any],
+    path: str,
+    *,
+    head_names: Sequence[str] = DEFAULT_HEAD_NAMES,
+    model_name: str | None = None,
+    step: int | None = None,
+) -> tuple[Variables, dict[str, Any]]:
+    """`merge_pretrained` of the checkpoint at `path` (any kind `load_variables` reads): `(variables, metadata)`."""
+    pretrained, metadata = load_variables(path, step=step)
+    variables = merge_pretrained(
+        init_variables,
+        pretrained,
+        head_names=head_names,
+        pretrained_name=metadata.get("model"),
+        model_name=model_name,
+    )
+    return variables, metadata
+
+
+def param_groups(params: PyTree, head_names: Sequence[str] = DEFAULT_HEAD_NAMES) -> PyTree:
+    """A tree like `params` with leaves "head" (under a top-level module in `head_names`) or "backbone"."""
+    heads = set(head_names)
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        return HEAD if str(getattr(path[0], "key", path[0])) in heads else BACKBONE
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown finetune_mode {mode!r}; expected one of {FINETUNE_MODES}")
+
+
+def lr_multipliers(mode: str, backbone_lr_multiplier: float = 1.0) -> dict[str, float]:
+    """Learning-rate factor per group for `optim.create_optimizer`: 0 freezes the backbone (linear probe)."""
+    _check_mode(mode)
+    if backbone_lr_multiplier < 0:
+        raise ValueError(f"backbone_lr_multiplier must be >= 0, got {backbone_lr_multiplier}")
+    backbone = 0.0 if mode == "linear_probe" else float(backbone_lr_multiplier)
+    return {HEAD: 1.0, BACKBONE: backbone}
+
+
+def model_options(mode: str) -> dict[str, Any]:
+    """`create_model` options for the mode: BatchNorm normalizes with its running statistics unless "full"."""
+    _check_mode(mode)
+    return {"bn_frozen": mode != "full"}

@@ -1,0 +1,239 @@
+"""Fine-tuning: a 10-class backbone under a 2-class head, mismatch listings, frozen groups, per-group LRs."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import struct
+
+from resnet_jax import finetune, optim
+from resnet_jax.checkpoint import TrainingCheckpointer, save_variables
+from resnet_jax.finetune import CheckpointMismatchError, merge_pretrained
+from resnet_jax.models import create_model
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        dict(
+            optimizer="sgd",
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=1e-4,
+            grad_clip_norm=0.0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def init(name: str, num_classes: int, seed: int, **options) -> dict:
+    model = create_model(name, num_classes=num_classes, **options)
+    # Jitted: eager init dispatches op by op, several times slower on CPU; compiled, it hits the cache.
+    return dict(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3))))
+
+
+def abstract_init(name: str, num_classes: int) -> dict:
+    model = create_model(name, num_classes=num_classes)
+    return jax.eval_shape(
+        lambda: dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    )
+
+
+def bits(tree) -> list[bytes]:
+    return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def pretrained_10_class() -> dict:
+    """A cifar_resnet20 with 10 classes whose batch statistics are not the initial (0, 1)."""
+    variables = init("cifar_resnet20", 10, seed=0)
+    batch_stats = jax.tree.map(
+        lambda x: x + jax.random.uniform(jax.random.key(7), x.shape), variables["batch_stats"]
+    )
+    return {"params": variables["params"], "batch_stats": batch_stats}
+
+
+def test_10_class_checkpoint_restores_into_a_2_class_model(tmp_path, pretrained_10_class):
+    fresh = init("cifar_resnet20", 2, seed=1)
+    save_variables(
+        str(tmp_path / "variables"),
+        jax.device_get(pretrained_10_class),
+        {"model": "cifar_resnet20", "num_classes": 10},
+    )
+
+    @struct.dataclass
+    class State:
+        params: dict
+        batch_stats: dict
+        opt_state: optax.OptState
+
+    tx = optax.sgd(0.1, momentum=0.9)
+    with TrainingCheckpointer(
+        tmp_path / "workdir", save_every_steps=1, config={"model": "cifar_resnet20"}
+    ) as checkpointer:
+        state = State(
+            pretrained_10_class["params"],
+            pretrained_10_class["batch_stats"],
+            tx.init(pretrained_10_class["params"]),
+        )
+        checkpointer.save(1, state)
+
+    for source in ("variables", "workdir"):
+        merged, metadata = finetune.load_pretrained(fresh, str(tmp_path / source))
+        assert (metadata["model"], metadata["num_classes"]) == ("cifar_resnet20", 10)
+        backbone = {k: v for k, v in merged["params"].items() if k != "fc"}
+        pretrained_backbone = {k: v for k, v in pretrained_10_class["params"].items() if k != "fc"}
+        chex.assert_trees_all_equal(backbone, jax.device_get(pretrained_backbone))
+        chex.assert_trees_all_equal(
+            merged["batch_stats"], jax.device_get(pretrained_10_class["batch_stats"])
+        )
+        chex.assert_trees_all_equal(merged["params"]["fc"], fresh["params"]["fc"])
+        assert merged["params"]["fc"]["kernel"].shape == (64, 2)
+
+    # The 2-class model computes the pretrained network's features exactly.
+    images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    old = create_model("cifar_resnet20", num_classes=10).apply(
+        pretrained_10_class, images, features=True
+    )
+    new = create_model("cifar_resnet20", num_classes=2).apply(merged, images, features=True)
+    np.testing.assert_array_equal(new["pooled"], old["pooled"])
+    assert new["logits"].shape == (2, 2)
+
+
+def test_wrong_architecture_lists_every_mismatched_path():
+    resnet18 = abstract_init("resnet18", 2)
+    resnet34 = abstract_init("resnet34", 10)
+
+    def paths(tree):
+        flat = finetune._flatten(tree)
+        return {"/".join(path) for path in flat}
+
+    extra = set()
+    for collection in ("params", "batch_stats"):
+        extra |= {
+            f"{collection}/{p}"
+            for p in paths(resnet34[collection]) - paths(resnet18[collection])
+            if not p.startswith("fc/")
+        }
+    assert len(extra) == 80  # 8 more basic blocks x (6 params + 4 batch statistics)
+    with pytest.raises(CheckpointMismatchError) as error:
+        merge_pretrained(resnet18, resnet34, pretrained_name="resnet34", model_name="resnet18")
+    message = str(error.value)
+    assert "0 missing, 80 unexpected, 0 mis-shaped" in message
+    for path in extra:
+        assert f"  {path} (" in message
+    assert "different architecture" in message and "(3, 4, 6, 3)" in message
+
+
+def test_missing_and_misshaped_paths_are_listed_together(pretrained_10_class):
+    fresh = init("cifar_resnet20", 2, seed=1)
+    broken = jax.tree.map(np.asarray, pretrained_10_class)
+    del broken["params"]["stage2_block1"]["conv1"]
+    broken["params"]["stem_conv"]["kernel"] = np.zeros((3, 3, 1, 16), np.float32)
+    broken["batch_stats"]["stage3_block3"]["bn2"]["mean"] = np.zeros(32, np.float32)
+    with pytest.raises(CheckpointMismatchError) as error:
+        merge_pretrained(fresh, broken)
+    message = str(error.value)
+    assert "1 missing, 0 unexpected, 2 mis-shaped" in message
+    assert "params/stage2_block1/conv1/kernel (3, 3, 16, 32)" in message
+    assert "params/stem_conv/kernel: checkpoint (3, 3, 1, 16), model (3, 3, 3, 16)" in message
+    assert "batch_stats/stage3_block3/bn2/mean: checkpoint (32,), model (64,)" in message
+
+
+def test_param_groups_label_the_head_and_the_backbone():
+    params = {"stem_conv": {"kernel": 0}, "stage1_block1": {"bn1": {"scale": 0}}, "fc": {"bias": 0}}
+    assert finetune.param_groups(params) == {
+        "stem_conv": {"kernel": "backbone"},
+        "stage1_block1": {"bn1": {"scale": "backbone"}},
+        "fc": {"bias": "head"},
+    }
+    assert finetune.lr_multipliers("linear_probe", 0.1) == {"head": 1.0, "backbone": 0.0}
+    assert finetune.lr_multipliers("frozen_bn", 0.1) == {"head": 1.0, "backbone": 0.1}
+    assert finetune.model_options("full") == {"bn_frozen": False}
+    with pytest.raises(ValueError, match="unknown finetune_mode 'probe'"):
+        finetune.model_options("probe")
+
+
+def test_backbone_lr_multiplier_scales_the_backbone_update():
+    params = {
+        "stem_conv": {"kernel": jnp.ones((3, 3, 3, 4))},
+        "fc": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+    }
+    config = optimizer_config(momentum=0.0, weight_decay=0.0)
+    tx = optim.create_optimizer(
+        config,
+        optax.constant_schedule(0.5),
+        param_labels=finetune.param_groups(params),
+        lr_multipliers=finetune.lr_multipliers("full", backbone_lr_multiplier=0.1),
+    )
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 2.0), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["fc"]["kernel"], -1.0)  # -lr * grad
+    np.testing.assert_allclose(updates["stem_conv"]["kernel"], -0.1, rtol=1e-6)  # x 0.1
+
+
+def _train(mode: str, pretrained: dict, steps: int = 3) -> dict:
+    """`steps` SGD steps of a 2-class cifar_resnet20 fine-tuned from `pretrained` in `mode`."""
+    model = create_model("cifar_resnet20", num_classes=2, **finetune.model_options(mode))
+    fresh = dict(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))
+    variables = merge_pretrained(fresh, pretrained)
+    tx = optim.create_optimizer(
+        optimizer_config(),
+        optax.constant_schedule(0.1),
+        param_labels=finetune.param_groups(variables["params"]),
+        lr_multipliers=finetune.lr_multipliers(mode, backbone_lr_multiplier=0.5),
+    )
+
+    @functools.partial(jax.jit, donate_argnums=())
+    def step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        grads, new_batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_batch_stats, opt_state
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+    for i in range(steps):
+        images = jax.random.normal(jax.random.key(10 + i), (8, 32, 32, 3))
+        labels = jnp.arange(8) % 2
+        params, batch_stats, opt_state = step(params, batch_stats, opt_state, images, labels)
+    return {"params": params, "batch_stats": batch_stats, "start": variables}
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "frozen_bn", "full"])
+def test_finetune_modes_train_exactly_what_they_say(mode, pretrained_10_class):
+    result = _train(mode, pretrained_10_class)
+    start = result["start"]
+
+    def backbone(params):
+        return {k: v for k, v in params.items() if k != "fc"}
+
+    backbone_same = bits(backbone(result["params"])) == bits(backbone(start["params"]))
+    batch_stats_same = bits(result["batch_stats"]) == bits(start["batch_stats"])
+    head_changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(result["params"]["fc"]),
+            jax.tree.leaves(start["params"]["fc"]),
+            strict=True,
+        )
+    ]
+    assert all(head_changed)
+    assert backbone_same == (mode == "linear_probe")
+    assert batch_stats_same == (mode in ("linear_probe", "frozen_bn"))
