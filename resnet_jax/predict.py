@@ -1,16 +1,19 @@
 """Top-k predictions of a checkpoint on image files.
 
-    python -m resnet_jax.predict --checkpoint ckpt/resnet50_tv --model resnet50 cat.jpg dog.png --top_k 5
+    python -m resnet_jax.predict --checkpoint ckpt/resnet50_tv cat.jpg dog.png --top_k 5
+    python -m resnet_jax.predict --checkpoint runs/default digit.png        # a training workdir
 
-The checkpoint is a variables checkpoint (`python -m resnet_jax.convert` writes one from torchvision
-weights) or anything `resnet_jax.checkpoint.load_variables` reads. Images are preprocessed as torchvision
-evaluates: resize the shorter side to `image_size / crop_fraction` (256 for 224), center-crop
-`image_size`, scale to [0, 1], normalize with the ImageNet mean and std.
+The checkpoint is anything `resnet_jax.checkpoint.load_variables` reads: a variables checkpoint
+(`python -m resnet_jax.convert` writes one from torchvision weights) or a training workdir.
 
-Class names: the checkpoint metadata's `class_names` when present (the dataset's names, written by the
-trainer); otherwise the ImageNet names when the head has 1000 outputs; otherwise class indices.
-Metadata may also set `model`, `image_size`, `crop_fraction` and `normalization` (a name, or
-`{"mean": [...], "std": [...]}`), which then become the defaults of the flags.
+Preprocessing. A training workdir's images go through the trainer's own eval transform for its dataset
+(its resize/crop and its mean/std). Otherwise images are preprocessed as torchvision evaluates: resize
+the shorter side to `image_size / crop_fraction` (256 for 224), center-crop `image_size`, scale to
+[0, 1], normalize with the ImageNet mean and std; the flags (or metadata keys `image_size`,
+`crop_fraction`, `normalization`: a name or `{"mean": [...], "std": [...]}`) change that.
+
+Class names: the metadata's `class_names`, else the training dataset's, else the ImageNet names when
+the head has 1000 outputs, else class indices.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -219,6 +222,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.ndarray]:
+    """The trainer's own eval transform for `config`'s dataset: its resize/crop and its mean/std.
+
+    A model trained here expects exactly what its evaluation fed it (e.g. the digits' own statistics,
+    a whole-image resize for small-image recipes), so a training checkpoint is preprocessed by the data
+    package rather than by `load_image`'s torchvision defaults.
+    """
+    from resnet_jax.data import pipeline, transforms
+
+    # The data package exposes no public accessor for its eval transform's arguments yet: these two
+    # private calls are the trainer's own (pipeline.create_eval_batches builds the same object).
+    spec = pipeline._spec(config)
+    preprocess = transforms.EvalPreprocess(**pipeline._preprocess_args(spec))
+
+    def load(path: str) -> np.ndarray:
+        if not os.path.isfile(path):
+            raise PredictError(f"no image file at {path}")
+        with open(path, "rb") as f:
+            output = preprocess.map({"image": f.read(), "label": 0, "path": path})
+        if output is None:  # EvalPreprocess returns None for an undecodable image
+            raise PredictError(f"cannot read {path} as an image")
+        return output["image"]
+
+    return load
+
+
+def _dataset_class_names(config: Mapping[str, Any]) -> list[str] | None:
+    """The class names of a training config's dataset, or None when the dataset is not readable here."""
+    from resnet_jax.data import DataError, dataset_info
+
+    try:
+        return list(dataset_info(config).class_names)
+    except (DataError, OSError, ValueError):
+        return None
+
+
 def _run(args: argparse.Namespace) -> list[str]:
     from resnet_jax.checkpoint import load_variables
 
@@ -243,22 +282,33 @@ def _run(args: argparse.Namespace) -> list[str]:
         raise PredictError(
             f"the checkpoint holds {metadata['model']!r} but --model is {args.model!r}"
         )
-    is_cifar = model_name in CIFAR_MODELS
-    image_size = args.image_size or metadata.get("image_size") or (32 if is_cifar else 224)
-    crop_fraction = args.crop_fraction or metadata.get("crop_fraction")
-    crop_fraction = crop_fraction or (1.0 if is_cifar else IMAGENET_CROP_FRACTION)
-    normalization = args.normalization or metadata.get("normalization") or "imagenet"
     _, in_channels = _head_shape(variables)
+    config = metadata.get("config") or {}  # present for training checkpoints
+    class_names = metadata.get("class_names")
+    if class_names is None and config.get("dataset"):
+        class_names = _dataset_class_names(config)
 
-    batch = np.stack(
-        [
-            load_image(path, image_size, crop_fraction, normalization, channels=in_channels)
-            for path in args.images
-        ]
-    )
-    results = predict(
-        variables, model_name, batch, args.top_k, class_names=metadata.get("class_names")
-    )
+    preprocessing_flags = (args.image_size, args.crop_fraction, args.normalization)
+    if config.get("dataset") and all(flag is None for flag in preprocessing_flags):
+        try:
+            load = training_eval_preprocessor(config)
+        except (ImportError, OSError, ValueError) as e:
+            raise PredictError(
+                f"cannot rebuild the eval transform of dataset {config['dataset']!r} ({e}); "
+                "pass --image_size, --crop_fraction and --normalization"
+            ) from None
+    else:
+        is_cifar = model_name in CIFAR_MODELS
+        image_size = args.image_size or metadata.get("image_size") or (32 if is_cifar else 224)
+        crop_fraction = args.crop_fraction or metadata.get("crop_fraction")
+        crop_fraction = crop_fraction or (1.0 if is_cifar else IMAGENET_CROP_FRACTION)
+        normalization = args.normalization or metadata.get("normalization") or "imagenet"
+
+        def load(path: str) -> np.ndarray:
+            return load_image(path, image_size, crop_fraction, normalization, in_channels)
+
+    batch = np.stack([load(path) for path in args.images])
+    results = predict(variables, model_name, batch, args.top_k, class_names=class_names)
     lines = []
     for path, prediction in zip(args.images, results, strict=True):
         lines.append(path)

@@ -131,3 +131,35 @@ def test_mismatched_model_names_the_bad_variables():
     batch = np.zeros((1, 32, 32, 3), np.float32)
     with pytest.raises(predict.PredictError, match="do not fit cifar_resnet32"):
         predict.predict(variables, "cifar_resnet32", batch, top_k=1)
+
+
+def test_training_checkpoint_is_preprocessed_exactly_as_the_trainer_evaluates(tmp_path):
+    from resnet_jax.data import create_eval_batches, sources
+
+    config = {"dataset": "digits", "image_size": 32}
+    first = sources.DigitsSource("test")[0]
+    Image.fromarray(first["image"]).save(tmp_path / "digit.png")  # PNG: lossless
+    batch = next(
+        iter(create_eval_batches(config, process_index=0, process_count=1, local_batch_size=4))
+    )
+
+    image = predict.training_eval_preprocessor(config)(str(tmp_path / "digit.png"))
+
+    np.testing.assert_array_equal(image, batch["image"][0])
+
+
+def test_cli_on_a_training_checkpoint_names_the_dataset_classes(tmp_path, capsys):
+    from resnet_jax.data import sources
+
+    Image.fromarray(sources.DigitsSource("test")[0]["image"]).save(tmp_path / "digit.png")
+    path = str(tmp_path / "ckpt")
+    # What load_variables returns for a training workdir: the run's config rides along.
+    config = {"dataset": "digits", "image_size": 32, "model": MODEL}
+    save_variables(
+        path, _random_variables(10), {"model": MODEL, "num_classes": 10, "config": config}
+    )
+
+    assert predict.main(["--checkpoint", path, "--top_k", "10", str(tmp_path / "digit.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Digits are named "0".."9": each of the ten ranks shows a distinct class.
+    assert sorted(line.split("class ")[1] for line in out[1:]) == [str(i) for i in range(10)]
