@@ -24,6 +24,7 @@ import numpy as np
 
 METRICS_FILENAME = "metrics.jsonl"
 CONFIG_FILENAME = "config.json"
+CURVES_FILENAME = "curves.png"
 TENSORBOARD_DIRNAME = "tensorboard"
 
 
@@ -152,6 +153,19 @@ class MetricWriter:
         ):
             self._events.add_event(event_pb2.Event(wall_time=now, step=0, summary=summary))
         self.flush()
+
+    def plot_curves(self, out_png: str | None = None) -> str | None:
+        """Flushes and redraws this run's loss/accuracy curves, by default to `<workdir>/curves.png`.
+
+        The trainer calls this after each evaluation and at the end. Returns the PNG's path (None
+        when disabled).
+        """
+        if not self.enabled:
+            return None
+        out_png = os.path.join(self.workdir, CURVES_FILENAME) if out_png is None else out_png
+        self.flush()
+        plot_curves(self.metrics_path, out_png)
+        return out_png
 
     def flush(self) -> None:
         """Makes everything written so far visible to readers (TensorBoard, `plot_curves`)."""

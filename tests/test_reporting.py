@@ -202,3 +202,15 @@ def test_plot_curves_png_written_atomically(tmp_path):
         "metrics.jsonl",
         "tensorboard",
     ]
+
+
+def test_writer_redraws_the_workdir_curves_and_disabled_writer_does_not(tmp_path):
+    _write_sample_run(str(tmp_path / "run"))
+    with reporting.MetricWriter(str(tmp_path / "run")) as writer:
+        writer.write(41, {"eval_accuracy": 0.99})
+        path = writer.plot_curves()
+    assert path == str(tmp_path / "run" / "curves.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+    assert reporting.MetricWriter(str(tmp_path / "off"), enabled=False).plot_curves() is None
+    assert not (tmp_path / "off").exists()
