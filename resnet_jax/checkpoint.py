@@ -120,8 +120,12 @@ def _load_training_variables(
     step_dir = os.path.join(checkpoints_dir, str(step))
     # PyTreeCheckpointHandler reads what StandardSave wrote (same format) and, unlike the standard handler,
     # restores a sub-tree: the optimizer state (2-3x the params) is never read.
+    # Every item is named (data and metrics are not read) so that Orbax does not warn about unknown items.
     handler = ocp.CompositeCheckpointHandler(
-        state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler()
+        state=ocp.PyTreeCheckpointHandler(),
+        config=ocp.JsonCheckpointHandler(),
+        data=grain_checkpoint.CheckpointHandler(),
+        metrics=ocp.JsonCheckpointHandler(),
     )
     with ocp.Checkpointer(handler) as checkpointer:
         tree = checkpointer.metadata(step_dir).item_metadata["state"].tree
