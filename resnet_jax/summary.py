@@ -177,7 +177,7 @@ def summarize(
 
 
 def _giga(count: float) -> str:
-    return f"{count / 1e9:.3f} G" if count >= 1e8 else f"{count / 1e6:.2f} M"
+    return f"{count / 1e9:.3f} G" if count >= 1e9 else f"{count / 1e6:.2f} M"
 
 
 def format_summary(summary: ModelSummary) -> str:
