@@ -132,6 +132,9 @@ def eval_step(
     return lax.psum(sums, axis_name)
 
 
+EVAL_SUM_NAMES = ("loss_sum", "correct", "top5_correct", "count")
+
+
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     """Accumulated `eval_step` sums -> {'loss', 'accuracy', 'top5_accuracy'} over every counted example."""
     count = float(sums["count"])

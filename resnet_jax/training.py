@@ -1,0 +1,395 @@
+"""The training loop: `train_and_evaluate(config, workdir)` wires data, model, optimizer, steps and devices.
+
+Layering: models know nothing of training, steps.py knows nothing of devices, parallel.py knows nothing of
+ResNets; this module is the only place that knows all of them. `train.py` only parses flags and calls it.
+
+`base_config()` lists every config key the trainer, the data pipeline and checkpointing read, with its
+default; recipes in `configs/` start from it and override. A key not in it is an error (a typo in a config
+file or a `--config.key=value` flag must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax import optim, reporting, steps
+from resnet_jax.checkpoint import TrainingCheckpointer
+from resnet_jax.models import ResNet, create_model, list_models
+from resnet_jax.parallel import DATA_AXIS, PARALLELISMS, DataParallel
+from resnet_jax.train_state import TrainState, create_train_state, init_variables
+
+_log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every config key, with its default. Recipes override values; they cannot add keys."""
+    config = ml_collections.ConfigDict()
+    # Model.
+    config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
+    config.zero_init_residual = False  # last BN scale of each block starts at 0 (Goyal et al. 2017)
+    config.dtype = (
+        "float32"  # compute dtype: "float32" or "bfloat16" (params, BN, loss stay float32)
+    )
+
+    # Data (resnet_jax.data).
+    config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = default
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.image_size = 32  # model input height = width; images are resized to it
+    config.augment = (
+        "none"  # "imagenet" (random-resized crop + flip) | "cifar" (pad-crop + flip) | "none"
+    )
+    config.crop_padding = 4  # "cifar" augmentation: pixels of zero padding before the random crop
+    config.normalization = "dataset"  # "dataset" (its own mean/std) | "imagenet"
+    config.folder_val_fraction = (
+        0.1  # "folder:" datasets without a val/ folder: share held out for eval
+    )
+    config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
+    config.num_workers = 0  # Grain worker processes; 0 = in the main process
+    config.num_read_threads = 16  # Grain threads reading records
+    config.prefetch_buffer_size = 500  # records read ahead per process
+    config.worker_buffer_size = 2  # batches each Grain worker keeps ready
+
+    # Length and batch.
+    config.batch_size = 128  # global, over all devices and processes
+    config.eval_batch_size = 0  # global; 0 = batch_size
+    config.num_epochs = 10.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+
+    # Optimizer (resnet_jax.optim).
+    config.optimizer = "sgd"  # "sgd" | "lars" | "adamw"
+    config.learning_rate = 0.1  # peak; configs write the linear scaling rule as code
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4  # on kernels only, never BN parameters or biases
+    config.lars_trust_coefficient = 0.001
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+    config.label_smoothing = 0.0
+    config.ema_decay = 0.0  # > 0: keep an EMA of params and also evaluate it (eval_ema_*)
+
+    # Learning-rate schedule.
+    config.lr_schedule = "cosine"  # "cosine" | "step" | "constant", after linear warmup
+    config.warmup_epochs = 0.0
+    config.lr_decay_epochs = ()  # "step": boundaries in epochs ...
+    config.lr_decay_steps = ()  # ... or in steps (exactly one of the two)
+    config.lr_decay_factor = 0.1
+
+    # Devices.
+    config.parallelism = "shard_map"  # "shard_map" (jit over a global mesh) | "pmap"
+    config.bn_sync = True  # BN statistics over the global batch; False: per device (no all-reduce)
+
+    # Loop, logging, checkpoints.
+    config.seed = 0
+    config.log_every_steps = 50
+    config.eval_every_steps = 0  # 0 = once per epoch
+    config.checkpoint_every_steps = 0  # 0 = once per epoch
+    return config
+
+
+class ConfigError(ValueError):
+    """The config names an unknown key or a value the trainer cannot run."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming every unknown key, or a value the trainer cannot run."""
+    known = set(base_config().keys())
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown}; the keys are those of resnet_jax.training.base_config(): "
+            f"{sorted(known)}"
+        )
+    missing = sorted(known - set(config.keys()))
+    if missing:
+        raise ConfigError(f"config lacks key(s) {missing}; start from training.base_config()")
+    if config.model not in list_models():
+        raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(list_models())}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+    if config.parallelism not in PARALLELISMS:
+        raise ConfigError(f"parallelism must be one of {PARALLELISMS}, got {config.parallelism!r}")
+    if config.batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise ConfigError("set num_epochs > 0 or num_train_steps > 0")
+    if config.log_every_steps <= 0:
+        raise ConfigError(f"log_every_steps must be positive, got {config.log_every_steps}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+    """The model the step applies: synced BN means BatchNorm reduces over the `data` axis."""
+    return create_model(
+        config.model,
+        num_classes=num_classes,
+        dtype=DTYPES[config.dtype],
+        zero_init_residual=config.zero_init_residual,
+        bn_axis_name=DATA_AXIS if config.bn_sync else None,
+    )
+
+
+def _data():
+    # Imported on use: the trainer's building blocks (and their tests) do not need the input pipeline.
+    from resnet_jax import data
+
+    return data
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient; nothing from that step on was saved."""
+
+
+class _TrainMetrics:
+    """Per-step metrics kept on the devices until they are needed, then checked and averaged on the host.
+
+    Fetching every step would make the host wait for the devices each step; fetching only at log and
+    checkpoint steps keeps the devices busy. Every step's loss and gradient norm are still checked, so a
+    non-finite value is reported with the exact step that produced it.
+    """
+
+    def __init__(self, dp: DataParallel):
+        self._dp = dp
+        self._on_device: list[tuple[int, dict[str, jax.Array]]] = []
+        self._on_host: list[tuple[int, dict[str, float]]] = []
+
+    def append(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._on_device.append((step, metrics))
+
+    def check_finite(self) -> None:
+        """Fetches pending metrics; raises NonFiniteLossError at the first step with NaN/Inf."""
+        if not self._on_device:
+            return
+        fetched = self._dp.fetch([m for _, m in self._on_device])
+        for (step, _), metrics in zip(self._on_device, fetched, strict=True):
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"non-finite training loss {float(metrics['loss'])} (gradient norm "
+                    f"{float(metrics['grad_norm'])}) at step {step}; stopping. Lower learning_rate, add "
+                    f"warmup_epochs or grad_clip_norm. No checkpoint was written from step {step} on."
+                )
+            self._on_host.append((step, {k: float(v) for k, v in metrics.items()}))
+        self._on_device = []
+
+    def summary(self) -> dict[str, float]:
+        """Means over the steps since the last summary (learning_rate: the latest), as train_* metrics."""
+        self.check_finite()
+        if not self._on_host:
+            return {}
+        names = self._on_host[0][1].keys()
+        summary = {
+            f"train_{name}": float(np.mean([m[name] for _, m in self._on_host]))
+            for name in names
+            if name != "learning_rate"
+        }
+        summary["learning_rate"] = self._on_host[-1][1]["learning_rate"]
+        self._on_host = []
+        return summary
+
+
+def _state_to_save(dp: DataParallel, state: TrainState) -> TrainState:
+    """What the checkpoint holds: shard_map's replicated global arrays as they are (Orbax writes each
+    shard once); pmap's stacked per-device copies reduced to one host copy."""
+    return state if dp.parallelism == "shard_map" else dp.unreplicate(state)
+
+
+def evaluate(
+    eval_fn: Any,
+    state: TrainState,
+    dp: DataParallel,
+    batches: Iterator[dict[str, np.ndarray]],
+) -> dict[str, float]:
+    """Exact metrics over one pass of `batches` (each process's padded, masked share of the split)."""
+    sums = [eval_fn(state, dp.shard_batch(batch)) for batch in batches]
+    fetched = dp.fetch(sums)
+    # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
+    totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
+    return steps.summarize_eval(totals)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` with logs in `workdir`; returns the final metrics (train_*, eval_*).
+
+    Every process runs this; each reads only its share of the data, and only process 0 writes logs.
+    """
+    validate_config(config)
+    data = _data()
+    info = data.dataset_info(config)
+    dp = DataParallel(config.parallelism)
+    try:
+        local_batch_size = dp.check_batch_size(config.batch_size)
+        local_eval_batch_size = dp.check_batch_size(config.eval_batch_size or config.batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    steps_per_epoch = info.num_train_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the {info.num_train_examples} training examples"
+        )
+    num_steps = optim.total_train_steps(config, steps_per_epoch)
+    eval_every = config.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+    is_main = jax.process_index() == 0
+
+    model = create_model_from_config(config, info.num_classes)
+    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    # Fine-tuning (config.init_from, resnet_jax.finetune) passes param_labels / lr_multipliers here.
+    tx = optim.create_optimizer(config, learning_rate_fn)
+
+    def init_state() -> TrainState:
+        variables = init_variables(model, jax.random.key(config.seed), info.image_size)
+        # Fine-tuning: pretrained variables are merged into `variables` here, before the optimizer state.
+        return create_train_state(variables, tx, use_ema=config.ema_decay > 0)
+
+    state = dp.init_state(init_state)
+    train_iter = data.create_train_iterator(
+        config,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_batch_size=local_batch_size,
+        seed=config.seed,
+    )
+    checkpointer = TrainingCheckpointer(
+        workdir, save_every_steps=checkpoint_every, config=config.to_dict()
+    )
+    # Resuming: the latest checkpoint's state and the data iterator's position, or a fresh start.
+    restored = checkpointer.restore_latest(_state_to_save(dp, state), train_iter)
+    if restored is not None:
+        state = restored if dp.parallelism == "shard_map" else dp.replicate(restored)
+    start_step = int(dp.fetch(state.step))
+
+    train_fn = dp.compile(
+        functools.partial(
+            steps.train_step,
+            apply_fn=model.apply,
+            tx=tx,
+            learning_rate_fn=learning_rate_fn,
+            label_smoothing=config.label_smoothing,
+            ema_decay=config.ema_decay,
+            axis_name=DATA_AXIS,
+        ),
+        donate_state=True,
+    )
+    eval_fns = {
+        "eval": dp.compile(
+            functools.partial(steps.eval_step, apply_fn=model.apply, axis_name=DATA_AXIS),
+            donate_state=False,
+        )
+    }
+    if config.ema_decay > 0:
+        eval_fns["eval_ema"] = dp.compile(
+            functools.partial(
+                steps.eval_step, apply_fn=model.apply, use_ema=True, axis_name=DATA_AXIS
+            ),
+            donate_state=False,
+        )
+
+    writer = reporting.MetricWriter(workdir, enabled=is_main)
+    writer.write_hparams(config.to_dict())
+    progress = reporting.ProgressBar(
+        num_steps,
+        enabled=is_main,
+        desc="train",
+        initial=start_step,
+        images_per_step=config.batch_size,
+    )
+    if is_main:
+        _log.info(
+            "%s on %s: %d examples, %d classes, %dx%d; %d steps of global batch %d (%d per device on %d "
+            "devices, %d process(es)), %s, %s BN",
+            config.model,
+            config.dataset,
+            info.num_train_examples,
+            info.num_classes,
+            info.image_size,
+            info.image_size,
+            num_steps,
+            config.batch_size,
+            config.batch_size // dp.num_devices,
+            dp.num_devices,
+            jax.process_count(),
+            config.parallelism,
+            "synced" if config.bn_sync else "per-device",
+        )
+
+    def run_eval(step: int) -> dict[str, float]:
+        results = {}
+        for prefix, eval_fn in eval_fns.items():
+            batches = data.create_eval_batches(
+                config,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                local_batch_size=local_eval_batch_size,
+            )
+            metrics = evaluate(eval_fn, state, dp, batches)
+            results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
+        writer.write(step, results)
+        progress.write(reporting.format_metrics(step, results))
+        return results
+
+    train_metrics = _TrainMetrics(dp)
+    final: dict[str, float] = {}
+    timer_start, timer_step = time.perf_counter(), start_step
+    try:
+        for step in range(start_step + 1, num_steps + 1):
+            batch = dp.shard_batch(next(train_iter))
+            state, metrics = train_fn(state, batch)
+            train_metrics.append(step, metrics)
+            progress.update(1)
+            is_last = step == num_steps
+            if step % config.log_every_steps == 0 or is_last:
+                summary = train_metrics.summary()
+                elapsed = time.perf_counter() - timer_start
+                summary["train_steps_per_second"] = (step - timer_step) / elapsed
+                summary["train_examples_per_second"] = (
+                    summary["train_steps_per_second"] * config.batch_size
+                )
+                summary["epoch"] = step / steps_per_epoch
+                writer.write(step, summary)
+                progress.update(0, loss=summary["train_loss"])
+                if (
+                    not progress.enabled
+                ):  # no bar (not a terminal, e.g. a log file): one line per log
+                    progress.write(reporting.format_metrics(step, summary))
+                final.update(summary)
+                timer_start, timer_step = time.perf_counter(), step
+            eval_metrics = {}
+            if step % eval_every == 0 or is_last:
+                eval_metrics = run_eval(step)
+                final.update(eval_metrics)
+            preempted = checkpointer.reached_preemption(step)
+            if step % checkpoint_every == 0 or is_last or preempted:
+                # Saved only once every step up to this one had a finite loss and gradient, so a
+                # divergence never overwrites the last good checkpoint.
+                train_metrics.check_finite()
+                checkpointer.save(
+                    step,
+                    _state_to_save(dp, state),
+                    train_iter,
+                    metrics=eval_metrics,
+                    force=is_last or preempted,
+                )
+            if preempted:
+                progress.write(f"preempted: saved step {step}, stopping")
+                break
+    finally:
+        progress.close()
+        writer.close()
+        checkpointer.close()
+    return final

@@ -1,0 +1,120 @@
+r"""Trains a ResNet: `python train.py --config configs/default.py --workdir runs/default`.
+
+Any config value can be overridden on the command line, e.g. `--config.batch_size=256 --config.dtype=bfloat16`;
+a key that the config does not have is an error. The workdir receives `metrics.jsonl`, `config.json`,
+TensorBoard event files and `checkpoints/`; rerunning with the same workdir resumes from the latest checkpoint.
+
+Several hosts: run the same command on every host with `--coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I` (I = 0 on HOST0). On TPU pods and under SLURM (one task per host) JAX finds these itself
+and the flags can be left out. Each process reads only its share of the data; only process 0 writes logs.
+A process that cannot reach the coordinator fails after `--initialization_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_jax import training
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/, e.g. configs/default.py.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for metrics, TensorBoard and checkpoints."
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-host training."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout",
+    120,
+    "Seconds to wait for every process to reach the coordinator before failing.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_detected() -> bool:
+    """Whether this is one of several processes that JAX can configure by itself (TPU pod, SLURM)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    # Multi-host TPU slices list every worker's hostname.
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    initialization_timeout: int,
+) -> None:
+    """Starts `jax.distributed` when several processes train together; a single process needs nothing."""
+    if coordinator_address or num_processes or process_id is not None:
+        if not coordinator_address or num_processes is None or process_id is None:
+            raise app.UsageError(
+                "multi-host training needs all of --coordinator_address, --num_processes, --process_id"
+            )
+        if not 0 <= process_id < num_processes:
+            raise app.UsageError(f"--process_id={process_id} not in [0, {num_processes})")
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout,
+        )
+    elif _cluster_detected():
+        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Drops INFO chatter of Orbax and Grain (several lines per checkpoint); warnings still show."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        noisy = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("orbax", "grain"))
+        return record.levelno >= logging_std.WARNING or not noisy
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        initialize_distributed(
+            _COORDINATOR_ADDRESS.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            _INITIALIZATION_TIMEOUT.value,
+        )
+    except (
+        Exception
+    ) as e:  # the runtime raises XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
+        if isinstance(e, app.UsageError):
+            raise
+        sys.exit(
+            f"error: could not start jax.distributed with coordinator {_COORDINATOR_ADDRESS.value!r} "
+            f"within {_INITIALIZATION_TIMEOUT.value} s: {e}"
+        )
+    logging.info(
+        "process %d of %d; %d local / %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+    try:
+        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (training.ConfigError, training.NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    # Grain's worker processes need absl flags parsed, which app.run does before main.
+    app.run(main)
