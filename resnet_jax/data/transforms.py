@@ -123,7 +123,13 @@ def pad_and_random_crop(image: np.ndarray, padding: int, rng: np.random.Generato
 
 
 def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return (image.astype(np.float32) * np.float32(1.0 / 255.0) - mean) / std
+    """(image / 255 - mean) / std in float32, as one multiply-add pass over the converted image."""
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+    offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    out = image.astype(np.float32)
+    out *= scale
+    out += offset
+    return out
 
 
 class _Preprocess:

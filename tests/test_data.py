@@ -1,0 +1,505 @@
+"""The data pipeline: sources (folder, TFDS, digits), sharding, determinism, resume, augmentation, exact eval."""
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from resnet_jax.data import (
+    DataError,
+    create_eval_batches,
+    create_train_iterator,
+    dataset_info,
+    num_eval_batches,
+    sources,
+    transforms,
+)
+
+IMAGENET_MEAN = np.asarray(sources.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(sources.IMAGENET_STD, np.float32)
+
+
+def _config(**kwargs) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(kwargs)
+
+
+def _save(path, array, fmt):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_folder_cache():
+    # index_folder is cached per process; tests rewrite trees under the same tmp paths.
+    sources.index_folder.cache_clear()
+    yield
+
+
+@pytest.fixture
+def photo_tree(tmp_path):
+    """root/{Dog,bird,cat}/ with PNG and JPEG photos of different sizes, plus one corrupt JPEG in cat/."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for class_name in ("cat", "Dog", "bird"):
+        for i in range(10):
+            height, width = 40 + 3 * i, 56 - 2 * i
+            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            fmt, ext = (("PNG", "png"), ("JPEG", "jpg"), ("JPEG", "JPEG"))[i % 3]
+            _save(str(root / class_name / f"img{i:02d}.{ext}"), array, fmt)
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "cat" / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+@pytest.fixture
+def indexed_tree(tmp_path):
+    """root/train (2 classes x 12) and root/val (2 classes x 5) of 8x8 PNGs whose pixels encode their id."""
+    root = tmp_path / "indexed"
+    example_id = 0
+    for split, per_class in (("train", 12), ("val", 5)):
+        for label, class_name in enumerate(("a", "b")):
+            for _ in range(per_class):
+                array = np.zeros((8, 8, 3), np.uint8)
+                array[..., 0] = example_id
+                array[..., 1] = label * 100
+                _save(str(root / split / class_name / f"{example_id:03d}.png"), array, "PNG")
+                example_id += 1
+    return root
+
+
+def _indexed_config(root, **kwargs):
+    return _config(
+        dataset=f"folder:{root}", image_size=8, augment="none", normalization="imagenet", **kwargs
+    )
+
+
+def _ids(batch, mask=None):
+    """Example ids and labels encoded in indexed_tree's pixels."""
+    pixels = np.round((batch["image"][:, 0, 0] * IMAGENET_STD + IMAGENET_MEAN) * 255).astype(int)
+    if mask is not None:
+        pixels = pixels[mask > 0]
+    return pixels[:, 0], pixels[:, 1] // 100
+
+
+# ------------------------------------------------------------------------------------------------ folder source
+
+
+def test_folder_classes_and_samples_match_torchvision_imagefolder(photo_tree):
+    torchvision = pytest.importorskip("torchvision")
+    index = sources.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
+    reference = torchvision.datasets.ImageFolder(str(photo_tree))
+    assert index.class_names == tuple(reference.classes) == ("Dog", "bird", "cat")
+    readable = [
+        (path, label) for path, label in reference.samples if not path.endswith("broken.jpg")
+    ]
+    assert sorted(index.train + index.eval) == sorted(readable)
+    for path, label in index.train + index.eval:
+        assert os.path.basename(os.path.dirname(path)) == index.class_names[label]
+
+
+def test_folder_held_out_split_is_deterministic_stratified_and_disjoint(photo_tree):
+    first = sources.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
+    sources.index_folder.cache_clear()
+    second = sources.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
+    assert first == second
+    assert not set(first.train) & set(first.eval)
+    # 11 files listed in cat/ (one corrupt, removed after splitting), 10 in the others: 20% held out per class.
+    eval_per_class = np.bincount([label for _, label in first.eval], minlength=3)
+    assert eval_per_class.tolist()[:2] == [2, 2]
+    assert eval_per_class[2] in (1, 2)
+    assert len(first.train) + len(first.eval) == 30
+
+
+def test_folder_corrupt_file_is_skipped_counted_and_logged(photo_tree, caplog):
+    with caplog.at_level(logging.WARNING):
+        index = sources.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
+    assert index.bad_files == (str(photo_tree / "cat" / "broken.jpg"),)
+    assert "Skipping 1 of 31 images" in caplog.text and "broken.jpg" in caplog.text
+    info = dataset_info(
+        _config(
+            dataset=f"folder:{photo_tree}", folder_val_fraction=0.2, max_bad_image_fraction=0.05
+        )
+    )
+    assert info.num_train_examples + info.num_eval_examples == 30
+    assert info.class_names == ("Dog", "bird", "cat") and info.num_classes == 3
+
+
+def test_folder_too_many_corrupt_files_stops_with_their_names(photo_tree):
+    (photo_tree / "bird" / "empty.png").write_bytes(b"")
+    with pytest.raises(
+        DataError,
+        match=r"2 of 32 images .*broken\.jpg.*empty\.png|2 of 32 images .*empty\.png.*broken\.jpg",
+    ):
+        dataset_info(_config(dataset=f"folder:{photo_tree}", max_bad_image_fraction=0.05))
+
+
+def test_folder_empty_or_missing_split_gives_one_clear_error(tmp_path, indexed_tree):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No images found under .*empty.*ROOT/<class>/<image>"):
+        dataset_info(_config(dataset=f"folder:{tmp_path / 'empty'}"))
+    with pytest.raises(DataError, match="does not exist"):
+        dataset_info(_config(dataset=f"folder:{tmp_path / 'nowhere'}"))
+    with pytest.raises(DataError, match="has a 'train' split but no 'validation' split"):
+        dataset_info(_indexed_config(indexed_tree, eval_split="validation"))
+
+
+def test_folder_train_val_subfolders_are_the_splits(indexed_tree):
+    info = dataset_info(_indexed_config(indexed_tree))
+    assert (info.num_train_examples, info.num_eval_examples, info.class_names) == (
+        24,
+        10,
+        ("a", "b"),
+    )
+
+
+# ------------------------------------------------------------------------------------- train iterator properties
+
+
+def test_two_processes_read_disjoint_equal_shards_covering_each_epoch(indexed_tree):
+    config = _indexed_config(indexed_tree)
+    epochs = {}
+    for process_index in range(2):
+        iterator = create_train_iterator(
+            config, process_index=process_index, process_count=2, local_batch_size=4, seed=3
+        )
+        batches = [
+            next(iterator) for _ in range(6)
+        ]  # 12 examples per process = 3 batches per epoch
+        for batch in batches:
+            ids, labels = _ids(batch)
+            np.testing.assert_array_equal(batch["label"], labels)  # label travels with its image
+        epoch_ids = [
+            np.concatenate([_ids(b)[0] for b in batches[e * 3 : e * 3 + 3]]) for e in range(2)
+        ]
+        assert len(set(epoch_ids[0])) == 12 and set(epoch_ids[0]) == set(epoch_ids[1])
+        assert not np.array_equal(epoch_ids[0], epoch_ids[1])  # reshuffled each epoch
+        epochs[process_index] = set(epoch_ids[0].tolist())
+    assert not epochs[0] & epochs[1]
+    assert epochs[0] | epochs[1] == set(range(24))
+
+
+def test_uneven_split_gives_every_process_the_same_number_of_examples(indexed_tree):
+    config = _indexed_config(indexed_tree)
+    seen = []
+    for process_index in range(5):  # 24 examples, 5 processes: 4 each, 4 left out
+        iterator = create_train_iterator(
+            config, process_index=process_index, process_count=5, local_batch_size=2, seed=0
+        )
+        ids = np.concatenate([_ids(next(iterator))[0] for _ in range(4)])
+        assert sorted(ids[:4]) == sorted(ids[4:])  # an epoch is 4 examples on every process
+        seen.append(set(ids.tolist()))
+    assert sum(len(s) for s in seen) == len(set().union(*seen)) == 20
+
+
+def test_same_seed_gives_same_batches_and_another_seed_differs():
+    config = _config(dataset="digits", augment="cifar", image_size=8, crop_padding=2)
+
+    def first_batches(seed):
+        iterator = create_train_iterator(
+            config, process_index=0, process_count=1, local_batch_size=16, seed=seed
+        )
+        return [next(iterator) for _ in range(3)]
+
+    a, b, c = first_batches(7), first_batches(7), first_batches(8)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_restored_iterator_state_continues_with_the_next_batch(num_workers):
+    config = _config(dataset="digits", augment="cifar", num_workers=num_workers)
+    kwargs = dict(process_index=1, process_count=2, local_batch_size=32, seed=5)
+    iterator = create_train_iterator(config, **kwargs)
+    for _ in range(25):  # past the end of the first epoch (718 examples per process = 22 batches)
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(2)]
+
+    restored = create_train_iterator(config, **kwargs)
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "cifar", "none"])
+def test_augmentation_output_shapes_dtypes_and_ranges(photo_tree, augment):
+    config = _config(
+        dataset=f"folder:{photo_tree}",
+        image_size=32,
+        augment=augment,
+        normalization="imagenet",
+        max_bad_image_fraction=0.05,
+    )
+    low, high = (0 - IMAGENET_MEAN) / IMAGENET_STD, (1 - IMAGENET_MEAN) / IMAGENET_STD
+    batch = next(
+        create_train_iterator(config, process_index=0, process_count=1, local_batch_size=8, seed=0)
+    )
+    evaluation = next(
+        create_eval_batches(config, process_index=0, process_count=1, local_batch_size=8)
+    )
+    for b in (batch, evaluation):
+        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+        assert np.all(b["image"] >= low - 1e-5) and np.all(b["image"] <= high + 1e-5)
+        assert b["image"].std() > 0.1  # real pixels, not padding
+    if augment == "cifar":  # zero padding (black) shows at the borders of some crops
+        assert np.isclose(batch["image"], low, atol=1e-5).all(axis=-1).any()
+
+
+def test_random_resized_crop_boxes_respect_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    for width, height in ((500, 375), (64, 640), (300, 300)):
+        for _ in range(200):
+            left, top, crop_width, crop_height = transforms.random_resized_crop_box(
+                width, height, rng
+            )
+            assert (
+                0 <= left
+                and left + crop_width <= width
+                and 0 <= top
+                and top + crop_height <= height
+            )
+            fraction = crop_width * crop_height / (width * height)
+            if (width, height) != (64, 640):  # the fallback clamps extreme aspect ratios instead
+                assert 0.08 * 0.9 <= fraction <= 1.0
+                assert 3 / 4 * 0.9 <= crop_width / crop_height <= 4 / 3 * 1.1
+
+
+def test_imagenet_eval_crop_equals_torchvision_resize_and_center_crop():
+    torchvision_transforms = pytest.importorskip("torchvision.transforms")
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG")
+    ours = transforms.eval_crop_imagenet(png.getvalue(), image_size=112)
+    reference = torchvision_transforms.Compose(
+        [torchvision_transforms.Resize(128), torchvision_transforms.CenterCrop(112)]
+    )(Image.fromarray(array))
+    np.testing.assert_array_equal(ours, np.asarray(reference))
+
+
+def test_jpeg_decoded_at_reduced_size_stays_close_to_full_decode():
+    # A smooth photo-like image: draft (DCT-domain downscaling) then resize ~ full decode then resize.
+    y, x = np.mgrid[0:600, 0:800]
+    array = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1).astype(np.uint8)
+    jpeg = io.BytesIO()
+    Image.fromarray(array).save(jpeg, format="JPEG", quality=95)
+    drafted = transforms.eval_crop_imagenet(jpeg.getvalue(), image_size=64)
+    full = transforms.eval_crop_imagenet(np.asarray(Image.open(jpeg)), image_size=64)
+    assert drafted.shape == full.shape == (64, 64, 3)
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 2.0
+    image = Image.open(io.BytesIO(jpeg.getvalue()))
+    transforms._draft(image, 73, 73)
+    assert image.size == (100, 75)  # decoded at 1/8 scale
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_eval_batches_count_every_example_once_with_mask(indexed_tree, process_count):
+    config = _indexed_config(indexed_tree)
+    seen = []
+    counts = []
+    for process_index in range(process_count):
+        batches = list(
+            create_eval_batches(
+                config, process_index=process_index, process_count=process_count, local_batch_size=4
+            )
+        )
+        counts.append(len(batches))
+        for batch in batches:
+            assert batch["image"].shape == (4, 8, 8, 3) and batch["mask"].dtype == np.float32
+            assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+            ids, labels = _ids(batch, batch["mask"])
+            np.testing.assert_array_equal(batch["label"][batch["mask"] > 0], labels)
+            assert np.all(batch["image"][batch["mask"] == 0] == 0)
+            seen.extend(ids.tolist())
+    assert sorted(seen) == list(range(24, 34))  # the 10 val images, each exactly once
+    assert counts == [num_eval_batches(10, process_count, 4)] * process_count
+
+
+def test_eval_pads_with_fully_masked_batches_when_a_shard_is_empty(indexed_tree):
+    config = _indexed_config(indexed_tree)
+    batches = list(
+        create_eval_batches(config, process_index=11, process_count=12, local_batch_size=4)
+    )
+    assert len(batches) == 1 and batches[0]["mask"].sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_data_source_path_with_mock_data():
+    config = _config(dataset="cifar10", data_dir="/nonexistent/tfds")
+    with tfds.testing.mock_data(num_examples=20):
+        info = dataset_info(config)
+        assert (
+            info.num_classes,
+            info.num_train_examples,
+            info.num_eval_examples,
+            info.image_size,
+        ) == (
+            10,
+            20,
+            20,
+            32,
+        )
+        batch = next(
+            create_train_iterator(
+                config, process_index=0, process_count=1, local_batch_size=8, seed=0
+            )
+        )
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].dtype == np.int32
+        assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+        masks = [
+            b["mask"].sum()
+            for b in create_eval_batches(
+                config, process_index=0, process_count=1, local_batch_size=8
+            )
+        ]
+        assert masks == [8, 8, 4]
+
+
+class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+    """A TFDS builder with a JPEG Image feature, prepared as ArrayRecord without TensorFlow."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=["dark", "light"]),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(12), "validation": self._generate_examples(5)}
+
+    def _generate_examples(self, num_examples):
+        for i in range(num_examples):
+            label = i % 2
+            jpeg = io.BytesIO()
+            Image.fromarray(np.full((48, 64, 3), 40 + 170 * label, np.uint8)).save(
+                jpeg, format="JPEG"
+            )
+            jpeg.seek(0)
+            yield i, {"image": jpeg, "label": label}
+
+
+def test_tfds_prepared_array_record_jpeg_is_decoded_by_the_pipeline(tmp_path):
+    TinyJpegs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = _config(
+        dataset="tiny_jpegs", data_dir=str(tmp_path), image_size=16, normalization="imagenet"
+    )
+    info = dataset_info(config)
+    assert (info.num_train_examples, info.num_eval_examples, info.class_names) == (
+        12,
+        5,
+        ("dark", "light"),
+    )
+    source = sources.TfdsSource("tiny_jpegs", "train", str(tmp_path))
+    assert isinstance(
+        source[0]["image"], bytes
+    )  # left encoded: decoded with draft in the transform
+    batches = list(
+        create_eval_batches(config, process_index=0, process_count=1, local_batch_size=8)
+    )
+    assert [b["mask"].sum() for b in batches] == [5, 0] or [b["mask"].sum() for b in batches] == [5]
+    pixels = batches[0]["image"][:5] * IMAGENET_STD + IMAGENET_MEAN
+    brightness = pixels.mean(axis=(1, 2, 3))
+    np.testing.assert_array_equal(brightness > 0.5, batches[0]["label"][:5] == 1)
+    with pytest.raises(DataError, match="has no split 'test'"):
+        dataset_info(_config(dataset="tiny_jpegs", data_dir=str(tmp_path), eval_split="test"))
+
+
+def test_tfds_unknown_or_unprepared_dataset_errors_say_how_to_fix(tmp_path):
+    with pytest.raises(DataError, match="Unknown dataset 'no_such_dataset'"):
+        dataset_info(_config(dataset="no_such_dataset", data_dir=str(tmp_path)))
+    with pytest.raises(
+        DataError, match=r"not prepared .*python -m resnet_jax.data.prepare cifar10 --data_dir"
+    ):
+        dataset_info(_config(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_prepare_without_tensorflow_says_to_install_the_extra():
+    pytest.importorskip("importlib")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed here")
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.data.prepare", "cifar10", "--data_dir", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "pip install .[prepare]" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_is_the_whole_sklearn_set_with_a_fixed_stratified_split():
+    info = dataset_info(_config(dataset="digits"))
+    assert (info.num_classes, info.num_train_examples, info.num_eval_examples, info.image_size) == (
+        10,
+        1437,
+        360,
+        8,
+    )
+    test_labels = np.concatenate(
+        [
+            b["label"][b["mask"] > 0]
+            for b in create_eval_batches(
+                _config(dataset="digits"), process_index=0, process_count=1, local_batch_size=100
+            )
+        ]
+    )
+    assert (
+        len(test_labels) == 360 and np.bincount(test_labels).min() >= 34
+    )  # every class ~20% of its members
+
+
+def test_digits_upsampled_to_a_larger_image_size():
+    config = _config(dataset="digits", image_size=32, augment="cifar")
+    batch = next(
+        create_train_iterator(config, process_index=0, process_count=1, local_batch_size=4, seed=0)
+    )
+    assert batch["image"].shape == (4, 32, 32, 3)
+
+
+def test_digits_pipeline_runs_without_importing_tensorflow():
+    code = (
+        "import sys, ml_collections\n"
+        "from resnet_jax.data import create_train_iterator, dataset_info\n"
+        "c = ml_collections.ConfigDict({'dataset': 'digits'})\n"
+        "assert dataset_info(c).num_train_examples == 1437\n"
+        "next(create_train_iterator(c, process_index=0, process_count=1, local_batch_size=8, seed=0))\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
