@@ -22,8 +22,9 @@ def test_resnet50_summary_prints_torchvision_parameter_count(capsys):
     assert summary.main(["resnet50"]) == 0
     out = capsys.readouterr().out
 
+    assert torch_params == 25_557_032
     assert f"{torch_params:,} parameters" in out
-    assert summary.summarize("resnet50").num_params == torch_params == 25_557_032
+    assert "stage4   (7, 7, 2048)" in out
 
 
 def test_resnet50_macs_match_torchvision_quoted_gflops_and_stage_shapes():
@@ -39,7 +40,7 @@ def test_resnet50_macs_match_torchvision_quoted_gflops_and_stage_shapes():
     assert s.output_shapes["stage4"] == (7, 7, 2048)
     assert s.output_shapes["logits"] == (1000,)
     assert s.params_by_part["fc"] == 2048 * 1000 + 1000
-    assert sum(s.params_by_part.values()) == s.num_params
+    assert sum(s.params_by_part.values()) == s.num_params == 25_557_032
 
 
 def test_cifar_resnet20_macs_by_part_hand_computed():
