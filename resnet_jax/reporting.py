@@ -96,7 +96,11 @@ class MetricWriter:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILENAME), "a", encoding="utf-8")
+        # Line-buffered: each record reaches the file when written, so `tail -f`, `plot` and a crash
+        # all see every logged step.
+        self._jsonl = open(
+            os.path.join(workdir, METRICS_FILENAME), "a", buffering=1, encoding="utf-8"
+        )
         # flush_secs bounds how stale TensorBoard can be while training; `flush()` forces it.
         self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIRNAME), flush_secs=30)
 

@@ -214,3 +214,11 @@ def test_writer_redraws_the_workdir_curves_and_disabled_writer_does_not(tmp_path
         assert image.format == "PNG"
     assert reporting.MetricWriter(str(tmp_path / "off"), enabled=False).plot_curves() is None
     assert not (tmp_path / "off").exists()
+
+
+def test_each_record_reaches_metrics_jsonl_before_flush(tmp_path):
+    writer = reporting.MetricWriter(str(tmp_path))
+    writer.write(1, {"train_loss": 1.5})
+    # Read while the writer is open and unflushed: a live run is plotted and tailed like this.
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train_loss": 1.5}
+    writer.close()
