@@ -6,9 +6,11 @@ Generates `num_images` photo-like JPEGs of about 500x375 (ImageNet's typical siz
 grain, quality 90) in 4 classes in a temporary folder, then times the training pipeline (decode with JPEG draft,
 RandomResizedCrop to 224 + flip, normalize to float32, batch) in this process and with 1 and 2 Grain worker
 processes; then, on 60 camera-sized 1600x1200 JPEGs, in process with and without reduced-size JPEG decoding.
-Each figure is the median of `--repeats` timed runs of `--batches` batches after warm-up batches (worker start-up
-excluded). Per-core figures divide by the processes doing the decoding (1 in process, else the worker count);
-with more workers than free cores they understate what a larger machine gets. Runs in about 1-3 minutes.
+Each images/s figure is the median of `--repeats` timed runs of `--batches` batches after warm-up batches (worker
+start-up excluded); "per decoding process" divides it by the processes decoding (1 in process, else the worker
+count). Wall-clock rates depend on how many cores are free, so the script also reports images per CPU-second
+(CPU time of the main process and its workers together, via psutil if installed): the per-core figure that does
+not change with machine load. Runs in about 2-3 minutes on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -56,21 +58,49 @@ def make_photo_folder(
     return total_bytes
 
 
-def measure(config, batch_size: int, warmup: int, batches: int, repeats: int) -> float:
-    """Median images/s over `repeats` runs of `batches` batches, after `warmup` batches."""
+def _cpu_seconds() -> float | None:
+    """User + system CPU time of this process and all its children (Grain workers), or None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    process = psutil.Process()
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(
+    config, batch_size: int, warmup: int, batches: int, repeats: int
+) -> tuple[float, float | None]:
+    """(median images/s over `repeats` runs of `batches` batches after `warmup` batches, images per CPU-second).
+
+    Images per CPU-second (all processes of the pipeline together) does not depend on how busy the machine is,
+    so it is the figure to scale from: a pipeline on k free cores delivers about k times it.
+    """
     iterator = create_train_iterator(
         config, process_index=0, process_count=1, local_batch_size=batch_size, seed=0
     )
     for _ in range(warmup):
         next(iterator)
     rates = []
+    cpu_start = _cpu_seconds()
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(batches):
             batch = next(iterator)
         rates.append(batches * batch_size / (time.perf_counter() - start))
+    cpu_end = _cpu_seconds()
     assert batch["image"].shape == (batch_size, 224, 224, 3)
-    return statistics.median(rates)
+    per_cpu_second = None
+    if cpu_start is not None:
+        per_cpu_second = repeats * batches * batch_size / (cpu_end - cpu_start)
+    return statistics.median(rates), per_cpu_second
 
 
 def main() -> None:
@@ -103,7 +133,7 @@ def main() -> None:
         if not draft:  # only affects this process: used for in-process runs
             transforms._draft = lambda image, width, height: (1.0, 1.0)
         try:
-            rate = measure(config, args.batch_size, args.warmup, batches, repeats)
+            rate, per_cpu_second = measure(config, args.batch_size, args.warmup, batches, repeats)
         finally:
             transforms._draft = original_draft
         decoding_processes = max(num_workers, 1)
@@ -113,11 +143,16 @@ def main() -> None:
                 num_workers=num_workers,
                 jpeg_draft=draft,
                 images_per_s=round(rate, 1),
-                images_per_s_per_core=round(rate / decoding_processes, 1),
+                images_per_s_per_decoding_process=round(rate / decoding_processes, 1),
+                images_per_cpu_second=None if per_cpu_second is None else round(per_cpu_second, 1),
             )
         )
+        cpu_text = (
+            "" if per_cpu_second is None else f", {per_cpu_second:6.1f} images per CPU-second"
+        )
         print(
-            f"{name:>44}: {rate:7.1f} images/s, {rate / decoding_processes:7.1f} images/s per core"
+            f"{name:>40}: {rate:6.1f} images/s, {rate / decoding_processes:6.1f} images/s per decoding "
+            f"process{cpu_text}"
         )
 
     with tempfile.TemporaryDirectory() as root:
@@ -128,7 +163,7 @@ def main() -> None:
             f"KiB) in {time.perf_counter() - start:.1f} s"
         )
         for num_workers in (0, 1, 2):
-            name = f"500x375, {num_workers} workers" if num_workers else "500x375, in process"
+            name = f"500x375, {num_workers} worker(s)" if num_workers else "500x375, in process"
             run(name, root, num_workers, True, args.batches, args.repeats)
     # At ImageNet's size a 224 crop rarely allows a 1/2 DCT scale; camera-sized photos show what draft saves.
     with tempfile.TemporaryDirectory() as root:

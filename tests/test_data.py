@@ -3,6 +3,7 @@
 import io
 import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -148,6 +149,29 @@ def test_folder_empty_or_missing_split_gives_one_clear_error(tmp_path, indexed_t
         dataset_info(_config(dataset=f"folder:{tmp_path / 'nowhere'}"))
     with pytest.raises(DataError, match="has a 'train' split but no 'validation' split"):
         dataset_info(_indexed_config(indexed_tree, eval_split="validation"))
+
+
+def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
+    indexed_tree, caplog
+):
+    jpeg = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, format="JPEG")
+    truncated = indexed_tree / "train" / "a" / "999_truncated.jpg"
+    truncated.write_bytes(
+        jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
+    )  # header intact, image data cut off
+    config = _indexed_config(indexed_tree)
+    assert (
+        dataset_info(config).num_train_examples == 25
+    )  # identified by its header: not caught up front
+    iterator = create_train_iterator(
+        config, process_index=0, process_count=1, local_batch_size=5, seed=0
+    )
+    with caplog.at_level(logging.WARNING):
+        ids = np.concatenate([_ids(next(iterator))[0] for _ in range(10)])
+    assert "Skipping undecodable image" in caplog.text and "999_truncated.jpg" in caplog.text
+    assert set(ids.tolist()) == set(range(24))  # every readable image still comes, in full batches
 
 
 def test_folder_train_val_subfolders_are_the_splits(indexed_tree):
@@ -418,9 +442,10 @@ def test_tfds_prepared_array_record_jpeg_is_decoded_by_the_pipeline(tmp_path):
         ("dark", "light"),
     )
     source = sources.TfdsSource("tiny_jpegs", "train", str(tmp_path))
-    assert isinstance(
-        source[0]["image"], bytes
-    )  # left encoded: decoded with draft in the transform
+    # JPEG stays encoded in the source: the transform decodes it at reduced size.
+    assert isinstance(source[0]["image"], bytes)
+    copy = pickle.loads(pickle.dumps(source))  # what Grain worker processes receive
+    assert copy[3]["image"] == source[3]["image"] and repr(copy) == repr(source)
     batches = list(
         create_eval_batches(config, process_index=0, process_count=1, local_batch_size=8)
     )
