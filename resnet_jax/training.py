@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import optim, reporting, steps
-from resnet_jax.checkpoint import TrainingCheckpointer
+from resnet_jax import finetune, optim, reporting, steps
+from resnet_jax.checkpoint import TrainingCheckpointer, preemption_message
 from resnet_jax.models import ResNet, create_model, list_models
 from resnet_jax.parallel import DATA_AXIS, PARALLELISMS, DataParallel
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
@@ -99,6 +99,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 0  # 0 = once per epoch
     config.checkpoint_every_steps = 0  # 0 = once per epoch
+    config.checkpoints_to_keep = 3  # the latest N checkpoints (a run resumes from the newest) ...
+    config.best_checkpoints_to_keep = 1  # ... plus the N with the best eval_accuracy
+
+    # Fine-tuning (resnet_jax.finetune): start from a checkpoint's backbone under a new classifier.
+    # init_from: a training workdir or a `python -m resnet_jax.convert` checkpoint; "" = from scratch.
+    config.init_from = ""
+    # "full" | "frozen_bn" (BN normalizes with running statistics) | "linear_probe" (only the head trains).
+    config.finetune_mode = "full"
+    config.backbone_lr_multiplier = 1.0  # every non-classifier parameter's lr / the head's lr
     return config
 
 
@@ -132,6 +141,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"log_every_steps must be positive, got {config.log_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if config.finetune_mode not in finetune.FINETUNE_MODES:
+        raise ConfigError(
+            f"finetune_mode must be one of {finetune.FINETUNE_MODES}, got {config.finetune_mode!r}"
+        )
+    if config.backbone_lr_multiplier < 0:
+        raise ConfigError(
+            f"backbone_lr_multiplier must be >= 0, got {config.backbone_lr_multiplier}"
+        )
+    if config.checkpoints_to_keep < 1:
+        raise ConfigError(f"checkpoints_to_keep must be >= 1, got {config.checkpoints_to_keep}")
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
@@ -142,6 +161,7 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
         dtype=DTYPES[config.dtype],
         zero_init_residual=config.zero_init_residual,
         bn_axis_name=DATA_AXIS if config.bn_sync else None,
+        **finetune.model_options(config.finetune_mode),
     )
 
 
@@ -209,6 +229,34 @@ def _state_to_save(dp: DataParallel, state: TrainState) -> TrainState:
     return state if dp.parallelism == "shard_map" else dp.unreplicate(state)
 
 
+def _start_from_pretrained(
+    config: ml_collections.ConfigDict, dp: DataParallel, state: TrainState, tx: Any
+) -> TrainState:
+    """Step 0 with `config.init_from`'s backbone under `state`'s fresh classifier, a new optimizer state."""
+    fresh = dp.unreplicate(state)
+    try:
+        variables, metadata = finetune.load_pretrained(
+            {"params": fresh.params, "batch_stats": fresh.batch_stats},
+            config.init_from,
+            model_name=config.model,
+        )
+    except (FileNotFoundError, finetune.CheckpointMismatchError) as e:
+        raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+    _log.info(
+        "fine-tuning (%s) from %s (%s, %s classes, step %s): backbone restored, new classifier",
+        config.finetune_mode,
+        config.init_from,
+        metadata.get("model"),
+        metadata.get("num_classes"),
+        metadata.get("step", "-"),
+    )
+    # Merged on the host and placed with `replicate`: inside `init_state`'s jit the pretrained arrays
+    # would become constants of the compiled program.
+    return dp.replicate(
+        jax.device_get(create_train_state(variables, tx, use_ema=config.ema_decay > 0))
+    )
+
+
 def evaluate(
     eval_fn: Any,
     state: TrainState,
@@ -249,12 +297,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     model = create_model_from_config(config, info.num_classes)
     learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
-    # Fine-tuning (config.init_from, resnet_jax.finetune) passes param_labels / lr_multipliers here.
-    tx = optim.create_optimizer(config, learning_rate_fn)
+    param_labels = lr_multipliers = None
+    if config.finetune_mode != "full" or config.backbone_lr_multiplier != 1.0:
+        # Head vs backbone groups, from the params' structure (eval_shape: no compute).
+        abstract = jax.eval_shape(
+            lambda: init_variables(model, jax.random.key(config.seed), info.image_size)
+        )
+        param_labels = finetune.param_groups(abstract["params"])
+        lr_multipliers = finetune.lr_multipliers(
+            config.finetune_mode, config.backbone_lr_multiplier
+        )
+    tx = optim.create_optimizer(
+        config, learning_rate_fn, param_labels=param_labels, lr_multipliers=lr_multipliers
+    )
 
     def init_state() -> TrainState:
         variables = init_variables(model, jax.random.key(config.seed), info.image_size)
-        # Fine-tuning: pretrained variables are merged into `variables` here, before the optimizer state.
         return create_train_state(variables, tx, use_ema=config.ema_decay > 0)
 
     state = dp.init_state(init_state)
@@ -266,12 +324,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         seed=config.seed,
     )
     checkpointer = TrainingCheckpointer(
-        workdir, save_every_steps=checkpoint_every, config=config.to_dict()
+        workdir,
+        save_every_steps=checkpoint_every,
+        max_to_keep=config.checkpoints_to_keep,
+        keep_best=config.best_checkpoints_to_keep,
+        config=config.to_dict(),
     )
-    # Resuming: the latest checkpoint's state and the data iterator's position, or a fresh start.
+    # Resuming: the latest checkpoint's state and the data iterator's position; else fine-tuning from
+    # config.init_from (only on a fresh start: a resumed fine-tune continues from its own checkpoint).
     restored = checkpointer.restore_latest(_state_to_save(dp, state), train_iter)
     if restored is not None:
         state = restored if dp.parallelism == "shard_map" else dp.replicate(restored)
+    elif config.init_from:
+        state = _start_from_pretrained(config, dp, state, tx)
     start_step = int(dp.fetch(state.step))
 
     train_fn = dp.compile(
@@ -386,7 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     force=is_last or preempted,
                 )
             if preempted:
-                progress.write(f"preempted: saved step {step}, stopping")
+                checkpointer.wait_until_finished()
+                _log.warning(preemption_message(step, workdir))
                 break
     finally:
         progress.close()

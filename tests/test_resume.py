@@ -1,0 +1,174 @@
+"""Exact resume through `train.py`: a run stopped by SIGTERM or kill -9 and restarted equals an uninterrupted one.
+
+Each test runs `python train.py --config configs/default.py` in subprocesses on a tiny budget (ResNet-20 on the
+bundled digits at 16x16, batch 32, 30 steps) and compares, step by step, the training losses logged after the
+restart and the final parameters with those of one uninterrupted run: on CPU they are bitwise equal, because the
+restored TrainState, the restored Grain iterator position and the deterministic step leave nothing to chance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax.checkpoint import load_variables
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 30
+CHECKPOINT_EVERY = 5
+FLAGS = (
+    f"--config.num_train_steps={NUM_STEPS}",
+    f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
+    "--config.batch_size=32",
+    "--config.log_every_steps=1",
+    f"--config.eval_every_steps={NUM_STEPS}",
+    "--config.warmup_epochs=0.1",
+)
+
+
+def _command(workdir) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/default.py",
+        "--workdir",
+        str(workdir),
+        *FLAGS,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The runs share compiled programs through the persistent cache, as the test process does.
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(REPO_ROOT, ".jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(workdir) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        _command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _start(workdir) -> subprocess.Popen:
+    return subprocess.Popen(
+        _command(workdir),
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _logged_steps(workdir) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written (or cut by kill -9)
+            break
+    return records
+
+
+def _wait_until_step(process: subprocess.Popen, workdir, step: int, timeout: float = 240) -> None:
+    """Blocks until `metrics.jsonl` shows training step `step` (the run is then past it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r.get("step", 0) >= step and "train_loss" in r for r in _logged_steps(workdir)):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early:\n{process.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _train_losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Losses per step and final variables of one uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _run(workdir)
+    losses = _train_losses(_logged_steps(workdir))
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    variables, metadata = load_variables(str(workdir))
+    assert metadata["step"] == NUM_STEPS
+    return losses, variables
+
+
+def _assert_resumed_run_matches(workdir, records_before_restart: int, uninterrupted) -> int:
+    """Restarts the run, checks it resumed from its latest checkpoint and ended like the uninterrupted one.
+
+    Returns the step it resumed from.
+    """
+    expected_losses, expected_variables = uninterrupted
+    resumed_from = _checkpoint_steps(workdir)[-1]
+    assert resumed_from < NUM_STEPS
+    _run(workdir)
+    after_restart = _train_losses(_logged_steps(workdir)[records_before_restart:])
+    assert sorted(after_restart) == list(range(resumed_from + 1, NUM_STEPS + 1))
+    for step, loss in after_restart.items():
+        assert loss == expected_losses[step], (step, loss, expected_losses[step])
+    variables, metadata = load_variables(str(workdir))
+    assert metadata["step"] == NUM_STEPS
+    for got, want in zip(
+        jax.tree.leaves(variables), jax.tree.leaves(expected_variables), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    return resumed_from
+
+
+def test_sigterm_saves_exits_cleanly_and_the_restart_matches_an_uninterrupted_run(
+    tmp_path, uninterrupted
+):
+    process = _start(tmp_path)
+    _wait_until_step(process, tmp_path, 7)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = _checkpoint_steps(tmp_path)[-1]
+    assert 7 <= stopped_at < NUM_STEPS
+    # The preempted run saved the step it was on, not only the last multiple of checkpoint_every_steps.
+    assert "preempted at step" in stderr and "rerun the same command to resume" in stderr
+    records = _logged_steps(tmp_path)
+    assert max(_train_losses(records)) == stopped_at
+    assert _assert_resumed_run_matches(tmp_path, len(records), uninterrupted) == stopped_at
+
+
+def test_kill_9_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
+    process = _start(tmp_path)
+    _wait_until_step(process, tmp_path, 2 * CHECKPOINT_EVERY + 2)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    process.communicate(timeout=60)
+    records = _logged_steps(tmp_path)
+    last_logged = max(_train_losses(records))
+    resumed_from = _assert_resumed_run_matches(tmp_path, len(records), uninterrupted)
+    # Steps after the last checkpoint were lost and trained again, with the same losses.
+    assert resumed_from % CHECKPOINT_EVERY == 0 and resumed_from <= last_logged
