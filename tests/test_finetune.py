@@ -237,3 +237,40 @@ def test_finetune_modes_train_exactly_what_they_say(mode, pretrained_10_class):
     assert all(head_changed)
     assert backbone_same == (mode == "linear_probe")
     assert batch_stats_same == (mode in ("linear_probe", "frozen_bn"))
+
+
+def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
+    """`python -m resnet_jax.convert to-torch <workdir> out.safetensors` gives torchvision the same logits."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import load_file
+
+    from resnet_jax import convert
+
+    model = create_model("resnet18", num_classes=2)
+    variables = init("resnet18", 2, seed=4)
+    # Non-trivial running statistics, as a fine-tuned model has.
+    variables["batch_stats"] = jax.tree.map(
+        lambda x: x + 0.5 * jax.random.uniform(jax.random.key(5), x.shape),
+        variables["batch_stats"],
+    )
+
+    @struct.dataclass
+    class State:
+        step: jax.Array
+        params: dict
+        batch_stats: dict
+
+    with TrainingCheckpointer(
+        tmp_path / "workdir", save_every_steps=1, config={"model": "resnet18"}
+    ) as checkpointer:
+        checkpointer.save(7, State(jnp.asarray(7), variables["params"], variables["batch_stats"]))
+    destination = str(tmp_path / "resnet18_finetuned.safetensors")
+    assert convert.main(["to-torch", str(tmp_path / "workdir"), destination]) == 0
+
+    torch_model = torchvision.models.resnet18(num_classes=2).eval()
+    torch_model.load_state_dict(load_file(destination))
+    images = np.asarray(jax.random.normal(jax.random.key(6), (2, 32, 32, 3)))
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(model.apply(variables, images), expected, rtol=1e-4, atol=1e-4)
