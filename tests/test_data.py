@@ -147,8 +147,8 @@ def test_folder_empty_or_missing_split_gives_one_clear_error(tmp_path, indexed_t
         dataset_info(_config(dataset=f"folder:{tmp_path / 'empty'}"))
     with pytest.raises(DataError, match="does not exist"):
         dataset_info(_config(dataset=f"folder:{tmp_path / 'nowhere'}"))
-    with pytest.raises(DataError, match="has a 'train' split but no 'validation' split"):
-        dataset_info(_indexed_config(indexed_tree, eval_split="validation"))
+    with pytest.raises(DataError, match="has a 'train' split but no 'holdout' split"):
+        dataset_info(_indexed_config(indexed_tree, eval_split="holdout"))
 
 
 def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
@@ -181,6 +181,9 @@ def test_folder_train_val_subfolders_are_the_splits(indexed_tree):
         10,
         ("a", "b"),
     )
+    # A config naming another conventional eval folder ("test", the trainer's default) finds val/.
+    sources.index_folder.cache_clear()
+    assert dataset_info(_indexed_config(indexed_tree, eval_split="test")).num_eval_examples == 10
 
 
 # ------------------------------------------------------------------------------------- train iterator properties

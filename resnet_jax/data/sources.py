@@ -42,6 +42,9 @@ KNOWN_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
+# Names a folder dataset's evaluation folder commonly has; any of them serves when the configured one is absent.
+CONVENTIONAL_EVAL_FOLDERS = ("val", "validation", "test")
+
 PREPARE_HINT = "run `python -m resnet_jax.data.prepare {name} --data_dir {data_dir}` (needs `pip install .[prepare]`)"
 
 
@@ -198,8 +201,8 @@ def index_folder(
 ) -> FolderIndex:
     """Lists, splits and checks a folder dataset (cached: the trainer asks for info, train and eval).
 
-    With `root/<train_split>/` present, it and `root/<eval_split>/` are the splits, and the classes are those of
-    the train folder. Otherwise `root/<class>/` holds everything and a deterministic, stratified `val_fraction`
+    With `root/<train_split>/` present, it and `root/<eval_split>/` are the splits (an eval_split of 'val',
+    'validation' or 'test' takes whichever of those folders exists), and the classes are those of the train folder. Otherwise `root/<class>/` holds everything and a deterministic, stratified `val_fraction`
     of each class (by a fixed permutation of its sorted file names) is held out for evaluation.
 
     Every file's header is read once here (in threads); files PIL cannot identify are skipped, counted and logged.
@@ -210,6 +213,15 @@ def index_folder(
     train_dir = os.path.join(root, train_split)
     if os.path.isdir(train_dir):
         eval_dir = os.path.join(root, eval_split)
+        if not os.path.isdir(eval_dir) and eval_split in CONVENTIONAL_EVAL_FOLDERS:
+            # Folders come with val/, validation/ or test/; a config naming one of these means "the eval folder".
+            for name in CONVENTIONAL_EVAL_FOLDERS:
+                if os.path.isdir(os.path.join(root, name)):
+                    logging.info(
+                        "Image folder %s: no %s/, evaluating on %s/.", root, eval_split, name
+                    )
+                    eval_dir = os.path.join(root, name)
+                    break
         if not os.path.isdir(eval_dir):
             present = ", ".join(_class_dirs(root)) or "none"
             raise DataError(
