@@ -98,13 +98,17 @@ def torch_key(collection: str, path: Sequence[str]) -> str:
     return ".".join(parts)
 
 
+# Both layout functions return a new C-ordered float32 array (one copy, never a view), so a converted state
+# dict shares no memory with its source: torch's `.numpy()` and jax's `np.asarray` are views.
+
+
 def _to_torch_layout(array: np.ndarray) -> np.ndarray:
     # Only kernels are 4-d (conv, HWIO -> OIHW) or 2-d (linear, (in, out) -> (out, in)); the rest is 1-d.
     if array.ndim == 4:
         array = array.transpose(3, 2, 0, 1)
     elif array.ndim == 2:
         array = array.T
-    return np.ascontiguousarray(array)
+    return np.array(array, dtype=np.float32, order="C")
 
 
 def _from_torch_layout(array: np.ndarray) -> np.ndarray:
@@ -112,7 +116,7 @@ def _from_torch_layout(array: np.ndarray) -> np.ndarray:
         array = array.transpose(2, 3, 1, 0)
     elif array.ndim == 2:
         array = array.T
-    return np.ascontiguousarray(array)
+    return np.array(array, dtype=np.float32, order="C")
 
 
 def _torch_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -256,14 +260,19 @@ def _mismatch_error(
 # The two directions.
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    """A private numpy copy of a torch tensor, jax array or numpy array."""
+def _numpy_view(value: Any) -> np.ndarray:
+    """A numpy view (a copy only where unavoidable) of a torch tensor, jax array or numpy array."""
     if hasattr(value, "detach"):  # a torch tensor; torch itself is never imported here
         value = value.detach().cpu()
         if value.is_floating_point():
             value = value.float()  # numpy has no bfloat16; float16/bfloat16 -> float32 is exact
-        value = value.numpy()  # shares memory with the tensor: the copy below decouples them
-    return np.array(value, copy=True)
+        return value.numpy()  # shares memory with the tensor
+    return np.asarray(value)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A private numpy copy of a torch tensor, jax array or numpy array."""
+    return np.array(_numpy_view(value), copy=True)
 
 
 def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
@@ -308,11 +317,11 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
     for key, entry in layout.items():
         if entry.collection is None:
             continue
-        value = np.asarray(_as_numpy(state_dict[key]), dtype=np.float32)
+        value = _from_torch_layout(_numpy_view(state_dict[key]))
         node = variables[entry.collection]
         for module in entry.path[:-1]:
             node = node.setdefault(module, {})
-        node[entry.path[-1]] = _from_torch_layout(value)
+        node[entry.path[-1]] = value
     return variables
 
 
@@ -366,8 +375,7 @@ def flax_to_torchvision(variables: Mapping[str, Any], name: str) -> StateDict:
         if entry.collection is None:
             state_dict[key] = np.array(0, dtype=np.int64)
         else:
-            value = np.asarray(_as_numpy(leaves[(entry.collection, entry.path)]), dtype=np.float32)
-            state_dict[key] = _to_torch_layout(value)
+            state_dict[key] = _to_torch_layout(_numpy_view(leaves[(entry.collection, entry.path)]))
     return state_dict
 
 

@@ -1,0 +1,182 @@
+"""Our ImageNet-family ResNets against torchvision itself: parameter counts, logits, features, exact round trips.
+
+No hand-written torch copy: every reference is `torchvision.models.<name>`. Run with `-s` to see the measured
+logits and pooled-feature differences per architecture.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import create_model
+from resnet_jax.convert import flax_to_torchvision, torchvision_to_flax
+from resnet_jax.models import IMAGENET_MODELS
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+# Slow to build and run on CPU; still run in CI.
+LARGE = {"resnet152", "wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d"}
+ARCHITECTURES = [
+    pytest.param(name, marks=pytest.mark.full_size) if name in LARGE else name
+    for name in IMAGENET_MODELS
+]
+NUM_CLASSES = 10
+TOLERANCE = 1e-4  # max|diff| <= TOLERANCE * max(1, max|reference|)
+
+
+def torchvision_model(name: str, num_classes: int, device: str = "cpu") -> "torch.nn.Module":
+    with torch.device(device):
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+def randomized_torchvision_model(name: str, seed: int = 0) -> "torch.nn.Module":
+    """torchvision's model with random weights, random BN affine and random BN running statistics, in eval mode.
+
+    The running statistics are first set to the batch statistics of random images (so activations stay of
+    order one, as in a trained net), then perturbed (variance x U(0.5, 2), mean + 0.2 std N(0, 1)), so that
+    neither the defaults 0/1 nor the batch statistics can hide a mix-up of mean, var, scale or bias.
+    The last BN of each residual branch draws its scale from U(0.1, 0.3), as trained ResNets have them: with
+    scales near 1 in every block, resnet152's own float32 logits differ from its float64 logits by ~1e-4 of
+    their size (measured), so the comparison would measure rounding noise rather than the conversion.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = torchvision_model(name, NUM_CLASSES)
+    resnet = torchvision.models.resnet
+    branch_ends = {
+        block.bn3 if isinstance(block, resnet.Bottleneck) else block.bn2
+        for block in model.modules()
+        if isinstance(block, (resnet.Bottleneck, resnet.BasicBlock))
+    }
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for norm in norms:
+            low, high = (0.1, 0.3) if norm in branch_ends else (0.5, 1.5)
+            norm.weight.uniform_(low, high, generator=generator)
+            norm.bias.normal_(0.0, 0.1, generator=generator)
+            norm.momentum = 1.0  # running statistics := this batch's statistics
+        model.train()
+        model(torch.randn(8, 3, 32, 32, generator=generator))
+        for norm in norms:
+            norm.momentum = 0.1
+            norm.running_var.mul_(
+                torch.empty_like(norm.running_var).uniform_(0.5, 2.0, generator=generator)
+            )
+            noise = torch.randn(norm.running_mean.shape, generator=generator)
+            norm.running_mean.add_(0.2 * noise * norm.running_var.sqrt())
+    return model.eval()
+
+
+def numpy_state_dict(model: "torch.nn.Module") -> dict[str, np.ndarray]:
+    # .numpy() shares memory with torch; the copy keeps the reference fixed whatever torch does later.
+    return {key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}
+
+
+def assert_bit_exact(actual: dict, expected: dict) -> None:
+    actual_leaves = jax.tree_util.tree_leaves_with_path(actual)
+    expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+    assert [path for path, _ in actual_leaves] == [path for path, _ in expected_leaves]
+    for (path, a), (_, e) in zip(actual_leaves, expected_leaves, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        assert (a.dtype, a.shape) == (e.dtype, e.shape), jax.tree_util.keystr(path)
+        assert a.tobytes() == e.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+def our_param_count(name: str, num_classes: int) -> int:
+    model = create_model(name, num_classes=num_classes)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_param_count_equals_torchvision(name):
+    for num_classes in (1000, 17):
+        # On the meta device torch allocates nothing, so even wide_resnet101_2 is built instantly.
+        reference = torchvision_model(name, num_classes, device="meta")
+        expected = sum(p.numel() for p in reference.parameters())
+        assert our_param_count(name, num_classes) == expected, (name, num_classes)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_converted_torchvision_weights_give_torchvision_logits_and_features(name):
+    reference = randomized_torchvision_model(name)
+    state_dict = numpy_state_dict(reference)
+    images = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    captured = {}
+    reference.avgpool.register_forward_hook(
+        lambda module, inputs, output: captured.update(pooled=output.flatten(1).numpy().copy())
+    )
+    with torch.no_grad():
+        expected_logits = reference(torch.from_numpy(images)).numpy().copy()
+
+    variables = torchvision_to_flax(reference.state_dict(), name)
+    model = create_model(name, num_classes=NUM_CLASSES)
+    # Op by op, not jitted: for these one-off applies of deep nets XLA's compile costs more than it saves.
+    outputs = model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), features=True)
+
+    logits_diff = float(np.abs(np.asarray(outputs["logits"]) - expected_logits).max())
+    logits_scale = max(1.0, float(np.abs(expected_logits).max()))
+    pooled_diff = float(np.abs(np.asarray(outputs["pooled"]) - captured["pooled"]).max())
+    pooled_scale = max(1.0, float(np.abs(captured["pooled"]).max()))
+    print(
+        f"\n{name}: logits max|diff| {logits_diff:.2e} (max|logits| {np.abs(expected_logits).max():.3g}, "
+        f"relative {logits_diff / logits_scale:.2e}); pooled max|diff| {pooled_diff:.2e} "
+        f"(relative {pooled_diff / pooled_scale:.2e})"
+    )
+    assert logits_diff <= TOLERANCE * logits_scale
+    assert pooled_diff <= TOLERANCE * pooled_scale
+
+    # torchvision -> flax -> torchvision: same keys in the same order, every value bit-exact. resnet_jax keeps
+    # no num_batches_tracked (the calibration pass set torch's to 1): it comes back as int64 0.
+    round_trip = flax_to_torchvision(variables, name)
+    assert list(round_trip) == list(state_dict)
+    counters = {key for key in state_dict if key.endswith("num_batches_tracked")}
+    assert_bit_exact(
+        {k: v for k, v in round_trip.items() if k not in counters},
+        {k: v for k, v in state_dict.items() if k not in counters},
+    )
+    for key in counters:
+        assert (
+            round_trip[key].dtype == np.int64
+            and round_trip[key].shape == ()
+            and round_trip[key] == 0
+        )
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in round_trip.items()}, strict=True)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_flax_to_torchvision_to_flax_is_bit_exact(name):
+    model = create_model(name, num_classes=NUM_CLASSES)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    rng = np.random.default_rng(2)
+    # Any float32 values will do (variances positive); a structure-only init skips XLA entirely.
+    variables = jax.tree.map(
+        lambda leaf: np.abs(rng.standard_normal(leaf.shape, dtype=np.float32)) + 0.1, shapes
+    )
+    state_dict = flax_to_torchvision(variables, name)
+
+    # torchvision itself accepts it strictly (on the meta device, assign=True adopts the arrays as they are).
+    reference = torchvision_model(name, NUM_CLASSES, device="meta")
+    reference.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True, assign=True
+    )
+    loaded = numpy_state_dict(reference)
+    assert list(loaded) == list(state_dict)
+
+    assert_bit_exact(torchvision_to_flax(loaded, name), variables)
+
+
+def test_flax_variables_from_model_init_survive_the_round_trip_through_torchvision():
+    # The same from a real init (dict order and dtypes as Flax makes them), on the smallest net.
+    model = create_model("resnet18", num_classes=NUM_CLASSES)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = jax.tree.map(np.asarray, variables)
+    assert_bit_exact(
+        torchvision_to_flax(flax_to_torchvision(variables, "resnet18"), "resnet18"), variables
+    )
