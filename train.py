@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging as logging_std
 import os
+import socket
 import sys
+import time
 
 import jax
 from absl import app, flags, logging
@@ -49,6 +51,29 @@ def _cluster_detected() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
+class CoordinatorUnreachableError(ConnectionError):
+    """No coordinator answered at --coordinator_address within --initialization_timeout."""
+
+
+def wait_for_coordinator(coordinator_address: str, deadline: float) -> None:
+    """Returns once a TCP connection to `host:port` succeeds; raises after `deadline` (time.monotonic)."""
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise app.UsageError(
+            f"--coordinator_address must be host:port, got {coordinator_address!r}"
+        )
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise CoordinatorUnreachableError(
+                    f"could not reach the coordinator at {coordinator_address}: {e}"
+                ) from None
+            time.sleep(0.5)
+
+
 def initialize_distributed(
     coordinator_address: str | None,
     num_processes: int | None,
@@ -63,11 +88,16 @@ def initialize_distributed(
             )
         if not 0 <= process_id < num_processes:
             raise app.UsageError(f"--process_id={process_id} not in [0, {num_processes})")
+        deadline = time.monotonic() + initialization_timeout
+        if process_id != 0:
+            # JAX's client aborts the whole process (a C++ fatal error) when the coordinator does not
+            # answer; waiting for its port here first turns that into a clear error.
+            wait_for_coordinator(coordinator_address, deadline)
         jax.distributed.initialize(
             coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
-            initialization_timeout=initialization_timeout,
+            initialization_timeout=max(1, int(deadline - time.monotonic())),
         )
     elif _cluster_detected():
         jax.distributed.initialize(initialization_timeout=initialization_timeout)
@@ -92,11 +122,9 @@ def main(argv: list[str]) -> None:
             _PROCESS_ID.value,
             _INITIALIZATION_TIMEOUT.value,
         )
-    except (
-        Exception
-    ) as e:  # the runtime raises XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
-        if isinstance(e, app.UsageError):
-            raise
+    except app.UsageError:
+        raise
+    except Exception as e:  # ours, or the runtime's XlaRuntimeError (DEADLINE_EXCEEDED, ...)
         sys.exit(
             f"error: could not start jax.distributed with coordinator {_COORDINATOR_ADDRESS.value!r} "
             f"within {_INITIALIZATION_TIMEOUT.value} s: {e}"

@@ -23,7 +23,7 @@ def get_config():
     config.augment = "none"
 
     config.batch_size = 64
-    config.num_epochs = 30.0
+    config.num_epochs = 15.0
     config.optimizer = "sgd"
     config.momentum = 0.9
     config.nesterov = True

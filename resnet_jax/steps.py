@@ -92,7 +92,7 @@ def train_step(
         {"loss": loss, "accuracy": jnp.mean(top1), "top5_accuracy": jnp.mean(top5)}, axis_name
     )
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(
         step=state.step + 1,
         params=params,

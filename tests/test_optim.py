@@ -81,7 +81,7 @@ def test_global_norm_clipping_bounds_the_update():
     config = sgd_config(weight_decay=0.0, grad_clip_norm=1.0)
     tx = optim.create_optimizer(config, optax.constant_schedule(1.0))
     updates, _ = tx.update({"w": jnp.full((2, 2), 10.0)}, tx.init(params), params)
-    np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
 def schedule_config(**overrides):

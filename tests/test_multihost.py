@@ -1,0 +1,130 @@
+"""Multi-host training through `jax.distributed`, with local processes standing in for hosts.
+
+Two processes with 4 simulated CPU devices each (gloo collectives, a free port, a short initialization
+timeout) train 5 steps, each feeding only its half of every global batch; one process with 8 devices trains
+the same 5 steps on the whole batches. The losses must agree. A process whose coordinator never answers must
+fail within its stated timeout rather than hang.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import portpicker
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+WORKER = textwrap.dedent(
+    """
+    import functools, json, sys
+    import jax, numpy as np
+    process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if num_processes > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=60)
+    from resnet_jax import optim, steps, train_state
+    from resnet_jax.models import create_model
+    from resnet_jax.parallel import DATA_AXIS, DataParallel
+    from resnet_jax.training import base_config
+
+    assert jax.device_count() == 8 and jax.process_count() == num_processes
+    config = base_config()
+    config.update({"nesterov": True, "learning_rate": 0.1, "num_train_steps": 5, "warmup_epochs": 1.0})
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=2)
+    tx = optim.create_optimizer(config, schedule)
+    model = create_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1, 1), bn_axis_name=DATA_AXIS)
+    dp = DataParallel("shard_map")
+    local_batch = dp.check_batch_size(16)
+    state = dp.init_state(lambda: train_state.create_train_state(
+        train_state.init_variables(model, jax.random.key(0), 8), tx, use_ema=False))
+    step = dp.compile(functools.partial(
+        steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=schedule, label_smoothing=0.1,
+        ema_decay=0.0, axis_name=DATA_AXIS), donate_state=True)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(5):
+        images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+        labels = rng.integers(0, 10, 16).astype(np.int32)
+        rows = slice(process_id * local_batch, (process_id + 1) * local_batch)  # this process's share
+        state, metrics = step(state, dp.shard_batch({"image": images[rows], "label": labels[rows]}))
+        losses.append(float(dp.fetch(metrics)["loss"]))
+    params = dp.unreplicate(state.params)
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "fc_kernel_sum": float(np.sum(params["fc"]["kernel"]))}, f)
+    """
+)
+
+
+def launch(args: list[str], num_devices: int) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"process did not finish within {timeout} s:\n{stderr[-3000:]}")
+    return proc.returncode, stderr
+
+
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+    port = str(portpicker.pick_unused_port())
+    outs = [tmp_path / f"process{i}.json" for i in range(2)]
+    workers = [launch(["-c", WORKER, str(i), "2", port, str(outs[i])], 4) for i in range(2)]
+    single_out = tmp_path / "single.json"
+    single = launch(["-c", WORKER, "0", "1", "0", str(single_out)], 8)
+    for proc in [*workers, single]:
+        returncode, stderr = finish(proc, timeout=540)
+        assert returncode == 0, stderr[-5000:]
+    results = [json.loads(path.read_text()) for path in [*outs, single_out]]
+    two_process_0, two_process_1, one_process = results
+    # Both processes see the same global loss; it equals the single process's.
+    assert two_process_0["losses"] == two_process_1["losses"]
+    np.testing.assert_allclose(two_process_0["losses"], one_process["losses"], rtol=1e-5)
+    np.testing.assert_allclose(
+        two_process_0["fc_kernel_sum"], one_process["fc_kernel_sum"], rtol=1e-4
+    )
+    assert len(set(one_process["losses"])) > 1  # the steps did train
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    # Process 1 of 2 waits for a coordinator that nobody runs.
+    port = portpicker.pick_unused_port()
+    start = time.monotonic()
+    proc = launch(
+        [
+            "train.py",
+            "--config=configs/default.py",
+            f"--workdir={tmp_path / 'run'}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            "--process_id=1",
+            "--initialization_timeout=5",
+        ],
+        num_devices=1,
+    )
+    returncode, stderr = finish(proc, timeout=120)
+    elapsed = time.monotonic() - start
+    assert returncode != 0
+    assert "could not start jax.distributed" in stderr and "within 5 s" in stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s to give up"
+    assert not (tmp_path / "run").exists()
