@@ -23,9 +23,9 @@ timm: timm's plain ResNets use torchvision's names and shapes (conv1, bn1, layer
 fc), so their state dicts convert unchanged: timm `resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`,
 `wide_resnet50_2`, `wide_resnet101_2`, `resnext50_32x4d`, `resnext101_32x8d`, `resnext101_64x4d` and all their
 pretrained tags (e.g. `resnet50.a1_in1k`; mind each tag's own preprocessing). timm variants with another
-structure are refused with a hint: deep stems (`resnet50d`, `resnet50c`, `resnet50s`, `resnet*t`: keys
-`conv1.0.weight`, ...), average-pool shortcuts (`*d`: `downsample.1/.2`), squeeze-excitation (`seresnet*`,
-`ecaresnet*`: `.se.`), and depths resnet_jax does not define (`resnet26`, `resnext101_32x4d`, ...).
+structure are refused with a hint that names the difference: deep stems (`resnet18d`, `resnet50c`, `resnet50d`,
+`ecaresnet50d`: keys `conv1.0.weight`, ...), squeeze-excitation (`seresnet50`: `.se.`), and block layouts
+resnet_jax does not define (`resnet26`, `resnext101_32x4d`: "matches none of ...").
 
 Command line (see `python -m resnet_jax.convert --help`):
 

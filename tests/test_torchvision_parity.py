@@ -4,6 +4,8 @@ No hand-written torch copy: every reference is `torchvision.models.<name>`. Run 
 logits and pooled-feature differences per architecture.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,21 +86,25 @@ def assert_bit_exact(actual: dict, expected: dict) -> None:
         assert a.tobytes() == e.tobytes(), f"{jax.tree_util.keystr(path)} differs"
 
 
-def our_param_count(name: str, num_classes: int) -> int:
+@functools.cache
+def our_variable_shapes(name: str, num_classes: int) -> dict:
+    """Shapes of `create_model(name, num_classes).init(...)`, traced without computing anything."""
     model = create_model(name, num_classes=num_classes)
-    shapes = jax.eval_shape(
+    return jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )
-    return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_param_count_equals_torchvision(name):
-    for num_classes in (1000, 17):
+    for num_classes in (1000, NUM_CLASSES):
         # On the meta device torch allocates nothing, so even wide_resnet101_2 is built instantly.
         reference = torchvision_model(name, num_classes, device="meta")
         expected = sum(p.numel() for p in reference.parameters())
-        assert our_param_count(name, num_classes) == expected, (name, num_classes)
+        ours = sum(
+            leaf.size for leaf in jax.tree.leaves(our_variable_shapes(name, num_classes)["params"])
+        )
+        assert ours == expected, (name, num_classes)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -150,10 +156,7 @@ def test_converted_torchvision_weights_give_torchvision_logits_and_features(name
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_flax_to_torchvision_to_flax_is_bit_exact(name):
-    model = create_model(name, num_classes=NUM_CLASSES)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    )
+    shapes = our_variable_shapes(name, NUM_CLASSES)
     rng = np.random.default_rng(2)
     # Any float32 values will do (variances positive); a structure-only init skips XLA entirely.
     variables = jax.tree.map(
