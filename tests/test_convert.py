@@ -180,6 +180,28 @@ def test_a_prefixed_state_dict_without_strip_prefix_says_how_to_fix_it(
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_safetensors_both_ways_need_no_torch(resnet18_weights, tmp_path):
+    _, expected = resnet18_weights
+    safetensors_numpy.save_file(expected, str(tmp_path / "in.safetensors"))
+    script = (
+        "import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
+        "from resnet_jax.convert import main\n"
+        f"assert main(['from-torch', {str(tmp_path / 'in.safetensors')!r}, {str(tmp_path / 'ckpt')!r}]) == 0\n"
+        f"assert main(['to-torch', {str(tmp_path / 'ckpt')!r}, {str(tmp_path / 'out.safetensors')!r}]) == 0\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    back = safetensors_numpy.load_file(str(tmp_path / "out.safetensors"))
+    counters = {key for key in expected if key.endswith("num_batches_tracked")}
+    assert_same_bytes({key: back[key] for key in expected}, expected, skip=counters)
+
+
 def test_help_explains_both_directions_with_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
