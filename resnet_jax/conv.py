@@ -1,0 +1,258 @@
+"""Convolutions that XLA:CPU runs fast, drop-in for `flax.linen.Conv` in the ResNets.
+
+XLA's CPU backend lowers every convolution to one Eigen spatial-convolution routine. It is fine for the forward
+pass over large maps, but two cases dominate a ResNet train step on CPU (measured, see benchmarks/README.md):
+
+* small maps (the last stages: 4x4, 2x2, 1x1): a 3x3 conv over a 2x2 map with 512 channels takes ~30x longer than
+  the same math as one matmul, because most of its taps read only padding;
+* the kernel gradient of 3x3 convs over large maps (32x32 and up), which XLA computes as a convolution whose
+  "kernel" is the whole output map: several times slower than the per-tap matmuls it amounts to.
+
+`CpuConv` keeps the parameters of `nn.Conv` (one `kernel`, HWIO, same shape and initializer call, same RNG
+stream), so checkpoints, torchvision conversion and initialization do not care which module ran, and computes:
+
+* 1x1 convs as one matmul over the (strided) input;
+* convs whose output map is at most `SMALL_MAP` x `SMALL_MAP` as im2col + one matmul, skipping the taps that
+  fall wholly in the padding (they multiply only zeros);
+* the rest with `lax.conv_general_dilated` forward and input gradient, and the kernel gradient as one matmul per
+  tap (`custom_vjp`);
+* grouped convs (ResNeXt) and string paddings with `lax.conv_general_dilated`, as `nn.Conv` does.
+
+Every form computes the same sums as `lax.conv_general_dilated` in a different order, so outputs and gradients
+agree to float32 rounding (tests/test_conv.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+Dtype = Any
+Padding = Sequence[tuple[int, int]]
+
+# Output maps up to this size (in both dimensions) use im2col + one matmul; larger ones use lax.conv forward.
+# Measured on XLA:CPU: im2col wins clearly at 2x2 and 1x1 outputs, draws at 4x4, loses from 8x8 up (its patch
+# matrix is 9x the activation and costs more to build than the conv).
+SMALL_MAP = 4
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def lax_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding | str,
+    feature_group_count: int = 1,
+) -> jax.Array:
+    """The reference: what `nn.Conv` computes for NHWC inputs and HWIO kernels."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=feature_group_count,
+    )
+
+
+def _output_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - kernel) // stride + 1
+
+
+def _live_offsets(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> list[int]:
+    """Kernel offsets along one axis that read at least one real (non-padding) input position."""
+    out = _output_size(size, kernel, stride, pad)
+    return [
+        k for k in range(kernel) if any(0 <= k - pad[0] + stride * o < size for o in range(out))
+    ]
+
+
+def _tap(x_padded: jax.Array, i: int, j: int, strides: tuple[int, int], out_hw: tuple[int, int]):
+    """The input positions that kernel tap (i, j) multiplies, for every output position: (N, Ho, Wo, C)."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    return x_padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+
+
+def _pad(x: jax.Array, padding: Padding) -> jax.Array:
+    if not any(p for pair in padding for p in pair):
+        return x
+    return jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(N, H, W, K) @ (K, O) -> (N, H, W, O)."""
+    return lax.dot_general(x, w, (((3,), (0,)), ((), ())))
+
+
+def im2col_conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    """The conv as one matmul of the patch matrix with the kernel, taps wholly in padding skipped."""
+    kh, kw, _, _ = kernel.shape
+    _, h, w, _ = x.shape
+    out_hw = (
+        _output_size(h, kh, strides[0], padding[0]),
+        _output_size(w, kw, strides[1], padding[1]),
+    )
+    rows = _live_offsets(h, kh, strides[0], padding[0])
+    cols = _live_offsets(w, kw, strides[1], padding[1])
+    x_padded = _pad(x, padding)
+    patches = [_tap(x_padded, i, j, strides, out_hw) for i in rows for j in cols]
+    weights = [kernel[i, j] for i in rows for j in cols]
+    if len(patches) == 1:
+        return _matmul(patches[0], weights[0])
+    return _matmul(jnp.concatenate(patches, axis=-1), jnp.concatenate(weights, axis=0))
+
+
+def _kernel_grad_by_taps(
+    x: jax.Array,
+    grad_out: jax.Array,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    padding: Padding,
+) -> jax.Array:
+    """d(loss)/d(kernel) as one (C, N*Ho*Wo) @ (N*Ho*Wo, O) matmul per tap."""
+    kh, kw, _, _ = kernel_shape
+    out_hw = grad_out.shape[1:3]
+    x_padded = _pad(x, padding)
+    contract_nhw = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    taps = [
+        [
+            lax.dot_general(_tap(x_padded, i, j, strides, out_hw), grad_out, contract_nhw)
+            for j in range(kw)
+        ]
+        for i in range(kh)
+    ]
+    return jnp.stack([jnp.stack(row) for row in taps])
+
+
+def conv_with_tap_kernel_grad(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    """`lax_conv` forward and input gradient; the kernel gradient as per-tap matmuls."""
+    return _conv_tap_grad(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+# strides and padding are static (Python tuples), so they are nondiff arguments of the custom_vjp.
+_conv_tap_grad = jax.custom_vjp(
+    lambda x, kernel, strides, padding: lax_conv(x, kernel, strides, padding),
+    nondiff_argnums=(2, 3),
+)
+
+
+def _conv_tap_grad_fwd(x, kernel, strides, padding):
+    return lax_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_tap_grad_bwd(strides, padding, residuals, grad_out):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: lax_conv(x_, kernel, strides, padding), x)
+    (grad_x,) = input_vjp(grad_out)
+    grad_kernel = _kernel_grad_by_taps(x, grad_out, kernel.shape, strides, padding)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+def cpu_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding | str,
+    feature_group_count: int = 1,
+    tap_kernel_grad: bool = True,
+) -> jax.Array:
+    """The fastest of the equivalent forms on XLA:CPU for this shape (see the module docstring).
+
+    `tap_kernel_grad=False` keeps XLA's own kernel gradient for the convs computed by `lax_conv` (kept for
+    measuring what the per-tap kernel gradient buys).
+    """
+    if feature_group_count != 1 or isinstance(padding, str):
+        return lax_conv(x, kernel, strides, padding, feature_group_count)
+    kh, kw, _, _ = kernel.shape
+    _, h, w, _ = x.shape
+    out_h = _output_size(h, kh, strides[0], padding[0])
+    out_w = _output_size(w, kw, strides[1], padding[1])
+    if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
+        return im2col_conv(x, kernel, strides, padding)
+    if not tap_kernel_grad:
+        return lax_conv(x, kernel, strides, padding)
+    return conv_with_tap_kernel_grad(x, kernel, strides, padding)
+
+
+class CpuConv(nn.Module):
+    """`nn.Conv` (2D, NHWC, HWIO kernel named `kernel`) computed by `cpu_conv`: same parameters, faster on CPU.
+
+    Takes the constructor arguments the ResNets pass to `nn.Conv`, in the same order. Padding is explicit
+    `((top, bottom), (left, right))` or a string ('SAME'/'VALID', computed by `lax.conv_general_dilated`).
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding | str = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    tap_kernel_grad: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_size = _pair(self.kernel_size)
+        strides = _pair(self.strides)
+        padding = self.padding
+        if not isinstance(padding, str):
+            padding = tuple(_pair(p) for p in padding)
+        in_features = x.shape[-1]
+        if in_features % self.feature_group_count:
+            raise ValueError(
+                f"input features {in_features} not divisible by feature_group_count "
+                f"{self.feature_group_count}"
+            )
+        # The same call as nn.Conv's, so both modules draw identical kernels from the same RNG.
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, in_features // self.feature_group_count, self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = cpu_conv(x, kernel, strides, padding, self.feature_group_count, self.tap_kernel_grad)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) == 1:
+        return (value[0], value[0])
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair for a 2D conv, got {value!r}")
+    return value
+
+
+def default_conv() -> type[nn.Module]:
+    """The conv module a model should use on the default JAX backend: `CpuConv` on CPU, `nn.Conv` elsewhere.
+
+    On GPU and TPU the vendor convolutions (cuDNN, the TPU conv unit) beat any matmul rewrite, so `nn.Conv`
+    stays the choice there.
+    """
+    return CpuConv if jax.default_backend() == "cpu" else nn.Conv
