@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from resnet_jax.conv import default_conv
+
 ModuleDef = Any
 Dtype = Any
 
@@ -282,7 +284,8 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> ResNet:
       num_classes: size of the classifier; 0 drops it and the model returns pooled features.
       **options: any `ResNet` field: `dtype` (compute dtype, e.g. jnp.bfloat16; params and BN stay
         float32), `zero_init_residual`, `bn_axis_name` (sync BN over a mapped axis), `bn_frozen`,
-        `conv` (another conv implementation with the same HWIO kernels), `act`.
+        `conv` (another conv implementation with the same HWIO kernels; default:
+        `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `act`.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(MODELS)}")
@@ -291,4 +294,7 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> ResNet:
         raise TypeError(f"unknown option(s) {sorted(unknown)} for create_model({name!r})")
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0 = no classifier), got {num_classes}")
+    # XLA:CPU's convolutions are several times slower than the same math as matmuls in a ResNet train
+    # step (benchmarks/README.md); the parameters are identical either way.
+    options.setdefault("conv", default_conv())
     return MODELS[name](num_classes=num_classes, **options)
