@@ -1,0 +1,186 @@
+"""CpuConv computes what nn.Conv computes: same parameters, outputs and gradients to float32 rounding.
+
+Tolerance: the forms sum the same products in a different order, so results differ by float32 rounding only.
+We compare with rtol=1e-5 relative to the largest magnitude of the reference (an elementwise relative test
+would fail on outputs that cancel to near zero), i.e. |a - b| <= 1e-5 * max|b| + 1e-6.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from resnet_jax.conv import CpuConv, cpu_conv, default_conv, im2col_conv, lax_conv
+from resnet_jax.models import create_model
+
+RTOL = 1e-5
+
+
+def assert_close_to_scale(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = float(np.max(np.abs(expected)))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale + 1e-6)
+
+
+def outputs_and_grads(module: nn.Module, variables, x):
+    """The output, and the gradients w.r.t. kernel and input of a loss that weights every output differently.
+
+    Jitted as a whole: one compile per case is much cheaper than op-by-op dispatch of the backward pass.
+    """
+    weights = jax.random.normal(jax.random.key(7), jax.eval_shape(module.apply, variables, x).shape)
+
+    @jax.jit
+    def run(variables, x):
+        def loss(variables, x):
+            return jnp.sum(module.apply(variables, x) * weights)
+
+        grad_variables, grad_x = jax.grad(loss, argnums=(0, 1))(variables, x)
+        return module.apply(variables, x), grad_variables["params"], grad_x
+
+    return run(variables, x)
+
+
+CASES = [
+    # (height, width, in, out, kernel, stride, padding, groups)
+    (8, 8, 4, 6, 3, 1, 1, 1),
+    (8, 8, 4, 6, 3, 2, 1, 1),
+    (9, 7, 4, 6, 3, 2, 1, 1),  # odd, non-square: strided taps that end early
+    (8, 8, 4, 6, 1, 1, 0, 1),
+    (8, 8, 4, 6, 1, 2, 0, 1),  # the downsample projection
+    (16, 16, 3, 8, 7, 2, 3, 1),  # the ImageNet stem
+    (4, 4, 8, 8, 3, 1, 1, 1),
+    (4, 4, 8, 8, 3, 2, 1, 1),  # 4x4 -> 2x2: im2col with dead taps
+    (2, 2, 8, 8, 3, 1, 1, 1),  # 2x2: 4 of 9 taps live for each output... 9 live overall
+    (1, 1, 8, 8, 3, 1, 1, 1),  # 1x1 map: only the centre tap reads real input
+    (2, 2, 8, 8, 3, 2, 1, 1),  # 2x2 -> 1x1
+    (3, 3, 8, 8, 3, 1, 0, 1),  # no padding
+    (6, 6, 4, 6, 3, 1, 2, 1),  # padding wider than needed: output grows
+    (32, 32, 8, 8, 3, 1, 1, 1),  # large map: lax forward, per-tap kernel gradient
+    (32, 32, 8, 16, 3, 2, 1, 1),
+    (8, 8, 8, 8, 3, 1, 1, 4),  # grouped (ResNeXt): lax fallback
+    (2, 2, 8, 8, 3, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("height,width,cin,cout,kernel,stride,padding,groups", CASES)
+def test_cpu_conv_outputs_and_grads_equal_nn_conv(
+    height, width, cin, cout, kernel, stride, padding, groups
+):
+    x = jax.random.normal(jax.random.key(0), (2, height, width, cin))
+    args = dict(
+        features=cout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=False,
+    )
+    reference, ours = nn.Conv(**args), CpuConv(**args)
+    variables = reference.init(jax.random.key(1), x)
+    ours_variables = ours.init(jax.random.key(1), x)
+    # Same parameter tree, shapes and values from the same RNG: checkpoints do not care which module ran.
+    assert jax.tree.structure(variables) == jax.tree.structure(ours_variables)
+    np.testing.assert_array_equal(variables["params"]["kernel"], ours_variables["params"]["kernel"])
+
+    expected = outputs_and_grads(reference, variables, x)
+    actual = outputs_and_grads(ours, variables, x)
+    for a, e in zip(actual, expected, strict=True):
+        jax.tree.map(assert_close_to_scale, a, e)
+
+
+def test_im2col_skips_taps_that_read_only_padding():
+    # A 3x3 conv over a 1x1 map reads real input only at the centre tap: the other 8 taps' weights must not
+    # matter, and the kernel gradient of those taps is exactly zero (as lax.conv's is).
+    x = jax.random.normal(jax.random.key(0), (2, 1, 1, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    centre_only = jnp.zeros_like(kernel).at[1, 1].set(kernel[1, 1])
+    pad = ((1, 1), (1, 1))
+    np.testing.assert_array_equal(
+        im2col_conv(x, kernel, (1, 1), pad), im2col_conv(x, centre_only, (1, 1), pad)
+    )
+    grad = jax.grad(lambda k: jnp.sum(im2col_conv(x, k, (1, 1), pad) ** 2))(kernel)
+    assert float(jnp.abs(grad[1, 1]).sum()) > 0
+    np.testing.assert_array_equal(grad.at[1, 1].set(0.0), jnp.zeros_like(grad))
+
+
+def test_bfloat16_compute_matches_nn_conv_to_bf16_rounding():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    args = dict(
+        features=16,
+        kernel_size=(3, 3),
+        strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=jnp.bfloat16,
+    )
+    variables = nn.Conv(**args).init(jax.random.key(1), x)
+    expected = nn.Conv(**args).apply(variables, x)
+    actual = CpuConv(**args).apply(variables, x)
+    assert actual.dtype == expected.dtype == jnp.bfloat16
+    # bf16 has 8 bits of mantissa: 2^-8 of the scale, doubled for the different summation order.
+    assert_close_to_scale(actual.astype(jnp.float32), expected.astype(jnp.float32), rtol=2**-7)
+
+
+def test_string_padding_and_bias_follow_nn_conv():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+    for padding in ("SAME", "VALID"):
+        args = dict(features=4, kernel_size=(3, 3), strides=(2, 2), padding=padding)
+        variables = nn.Conv(**args).init(jax.random.key(1), x)
+        assert set(variables["params"]) == {"kernel", "bias"}
+        assert_close_to_scale(
+            CpuConv(**args).apply(variables, x), nn.Conv(**args).apply(variables, x)
+        )
+
+
+def test_cpu_conv_function_agrees_with_lax_conv_under_jit():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+    pad = ((1, 1), (1, 1))
+    jitted = jax.jit(functools.partial(cpu_conv, strides=(2, 2), padding=pad))
+    assert_close_to_scale(jitted(x, kernel), lax_conv(x, kernel, (2, 2), pad))
+
+
+def test_default_conv_is_cpu_conv_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert default_conv() is CpuConv
+
+
+def test_resnet18_logits_and_grads_equal_with_either_conv():
+    """A whole resnet18 at 32x32 (every conv form: stem, 8x8 maps, 2x2 and 1x1 maps, projections).
+
+    Tolerance: 1e-4 of the largest magnitude, looser than one conv's 1e-5 because rounding differences
+    pass through 20 layers and BatchNorm (whose batch statistics over 2x2 and 1x1 maps divide by small
+    variances).
+    """
+    images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 10
+    reference = create_model("resnet18", num_classes=10, conv=nn.Conv)
+    ours = create_model("resnet18", num_classes=10, conv=CpuConv)
+    variables = reference.init(jax.random.key(1), images)
+    ours_variables = ours.init(jax.random.key(1), images)
+    jax.tree.map(np.testing.assert_array_equal, variables, ours_variables)
+
+    def loss_and_grads(model):
+        def loss_fn(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            one_hot = jax.nn.one_hot(labels, 10)
+            return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, axis=-1)), logits
+
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+    (loss, logits), grads = loss_and_grads(reference)
+    (ours_loss, ours_logits), ours_grads = loss_and_grads(ours)
+    assert_close_to_scale(ours_logits, logits, rtol=1e-4)
+    np.testing.assert_allclose(ours_loss, loss, rtol=1e-5)
+    jax.tree.map(functools.partial(assert_close_to_scale, rtol=1e-4), ours_grads, grads)
