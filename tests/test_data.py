@@ -157,14 +157,12 @@ def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
     jpeg = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(jpeg, format="JPEG")
-    truncated = indexed_tree / "train" / "a" / "999_truncated.jpg"
-    truncated.write_bytes(
-        jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
-    )  # header intact, image data cut off
+    truncated = jpeg.getvalue()[: len(jpeg.getvalue()) // 2]  # header intact, image data cut off
+    (indexed_tree / "train" / "a" / "999_truncated.jpg").write_bytes(truncated)
+    (indexed_tree / "val" / "b" / "999_truncated.jpg").write_bytes(truncated)
     config = _indexed_config(indexed_tree)
-    assert (
-        dataset_info(config).num_train_examples == 25
-    )  # identified by its header: not caught up front
+    info = dataset_info(config)  # identified by their headers: not caught up front
+    assert (info.num_train_examples, info.num_eval_examples) == (25, 11)
     iterator = create_train_iterator(
         config, process_index=0, process_count=1, local_batch_size=5, seed=0
     )
@@ -172,6 +170,15 @@ def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
         ids = np.concatenate([_ids(next(iterator))[0] for _ in range(10)])
     assert "Skipping undecodable image" in caplog.text and "999_truncated.jpg" in caplog.text
     assert set(ids.tolist()) == set(range(24))  # every readable image still comes, in full batches
+    # In eval the bad image becomes a masked row: the batch count stays what every process expects.
+    batches = list(
+        create_eval_batches(config, process_index=0, process_count=1, local_batch_size=4)
+    )
+    assert len(batches) == num_eval_batches(11, 1, 4) == 3
+    assert sum(b["mask"].sum() for b in batches) == 10
+    assert sorted(np.concatenate([_ids(b, b["mask"])[0] for b in batches]).tolist()) == list(
+        range(24, 34)
+    )
 
 
 def test_folder_train_val_subfolders_are_the_splits(indexed_tree):
@@ -358,6 +365,18 @@ def test_eval_batches_count_every_example_once_with_mask(indexed_tree, process_c
             seen.extend(ids.tolist())
     assert sorted(seen) == list(range(24, 34))  # the 10 val images, each exactly once
     assert counts == [num_eval_batches(10, process_count, 4)] * process_count
+
+
+def test_eval_batches_with_worker_processes_equal_in_process_batches():
+    # Each worker would batch its own share of the examples: batches are formed before the workers instead.
+    kwargs = dict(process_index=1, process_count=2, local_batch_size=64)
+    in_process = list(create_eval_batches(_config(dataset="digits"), **kwargs))
+    with_workers = list(create_eval_batches(_config(dataset="digits", num_workers=2), **kwargs))
+    assert len(in_process) == len(with_workers) == num_eval_batches(360, 2, 64) == 3
+    for want, got in zip(in_process, with_workers, strict=True):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(got[key], want[key])
+    assert sum(b["mask"].sum() for b in with_workers) == 180
 
 
 def test_eval_pads_with_fully_masked_batches_when_a_shard_is_empty(indexed_tree):

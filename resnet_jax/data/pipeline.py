@@ -195,18 +195,21 @@ class _Permuted:
         return self._source[int(self._order[index])]
 
 
-class _Slice:
-    def __init__(self, source: sources.Source, start: int, stop: int):
-        self._source, self._start, self._stop = source, start, stop
+class _EvalBatchSource:
+    """Records are whole eval batches: the examples [start + i * B, start + (i + 1) * B) of a process's slice."""
+
+    def __init__(self, source: sources.Source, start: int, stop: int, batch_size: int):
+        self._source, self._start, self._stop, self._batch_size = source, start, stop, batch_size
 
     def __repr__(self) -> str:
-        return f"Slice({self._source!r}, {self._start}, {self._stop})"
+        return f"EvalBatches({self._source!r}, {self._start}, {self._stop}, {self._batch_size})"
 
     def __len__(self) -> int:
-        return self._stop - self._start
+        return math.ceil((self._stop - self._start) / self._batch_size)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[self._start + index]
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        first = self._start + index * self._batch_size
+        return [self._source[i] for i in range(first, min(first + self._batch_size, self._stop))]
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -304,18 +307,6 @@ def num_eval_batches(num_examples: int, process_count: int, local_batch_size: in
     return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
 
 
-def _pad(batch: dict[str, np.ndarray], local_batch_size: int) -> dict[str, np.ndarray]:
-    size = len(batch["label"])
-    padded = {"mask": np.zeros(local_batch_size, np.float32)}
-    padded["mask"][:size] = 1.0
-    for key in ("image", "label"):
-        value = batch[key]
-        out = np.zeros((local_batch_size, *value.shape[1:]), value.dtype)
-        out[:size] = value
-        padded[key] = out
-    return padded
-
-
 def create_eval_batches(
     config: Any, *, process_index: int, process_count: int, local_batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -329,26 +320,25 @@ def create_eval_batches(
     source = spec.source(spec.eval_split)
     start, stop = eval_shard(len(source), process_index, process_count)
     total_batches = num_eval_batches(len(source), process_count, local_batch_size)
-    image_shape = (spec.image_size, spec.image_size, 3)
     yielded = 0
     if stop > start:
+        batch_source = _EvalBatchSource(source, start, stop, local_batch_size)
         loader = grain.DataLoader(
-            data_source=_Slice(source, start, stop),
-            sampler=grain.samplers.SequentialSampler(num_records=stop - start),
+            data_source=batch_source,
+            sampler=grain.samplers.SequentialSampler(num_records=len(batch_source)),
             operations=[
-                transforms.EvalPreprocess(**_preprocess_args(spec)),
-                transforms.DropUndecodable(),
-                grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=False),
+                transforms.EvalPreprocess(**_preprocess_args(spec), batch_size=local_batch_size)
             ],
             shard_options=grain.sharding.NoSharding(),
             **_loader_options(config),
         )
         for batch in loader:
-            yield _pad(batch, local_batch_size)
+            yield batch
             yielded += 1
-    empty = {
-        "image": np.zeros((0, *image_shape), np.float32),
-        "label": np.zeros((0,), np.int32),
-    }
+    size = spec.image_size
     for _ in range(total_batches - yielded):
-        yield _pad(empty, local_batch_size)
+        yield {
+            "image": np.zeros((local_batch_size, size, size, 3), np.float32),
+            "label": np.zeros((local_batch_size,), np.int32),
+            "mask": np.zeros((local_batch_size,), np.float32),
+        }

@@ -299,8 +299,11 @@ class FolderSource(Source):
     def __init__(self, index: FolderIndex, split: str):
         self.class_names = index.class_names
         self._files = index.train if split == "train" else index.eval
+        # Grain compares this repr when restoring an iterator state: the root is left out so that a run resumed
+        # on a machine that mounts the same data elsewhere still restores.
         self._description = (
-            f"FolderSource(root={index.root!r}, split={split!r}, num_examples={len(self._files)})"
+            f"FolderSource(split={split!r}, num_examples={len(self._files)}, "
+            f"num_classes={len(self.class_names)})"
         )
 
     def __repr__(self) -> str:

@@ -168,18 +168,38 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
 
 
 class EvalPreprocess(_Preprocess, grain.transforms.Map):
-    """Decode + deterministic eval resize/crop + normalization; None for an undecodable record."""
+    """Decode + deterministic eval resize/crop + normalization of one whole eval batch.
 
-    def map(self, element: dict[str, Any]):
-        try:
-            if self.augment == "imagenet":
-                image = eval_crop_imagenet(element["image"], self.image_size)
-            else:
-                image = whole_image(element["image"], self.image_size)
-            return self._output(element, image)
-        except Exception as e:
-            logging.warning("Skipping undecodable image %s: %s", element.get("path"), e)
-            return None
+    The record is the list of examples of one batch (see pipeline._EvalBatchSource): batching before the worker
+    processes keeps batches identical and in order for any number of workers. Rows past the end and undecodable
+    images (logged by path) are zeros with mask 0.0, so the batch count never depends on the data.
+    """
+
+    def __init__(self, *args, batch_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+
+    def map(self, elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        size = self.image_size
+        batch = {
+            "image": np.zeros((self.batch_size, size, size, 3), np.float32),
+            "label": np.zeros((self.batch_size,), np.int32),
+            "mask": np.zeros((self.batch_size,), np.float32),
+        }
+        for row, element in enumerate(elements):
+            try:
+                if self.augment == "imagenet":
+                    image = eval_crop_imagenet(element["image"], size)
+                else:
+                    image = whole_image(element["image"], size)
+                output = self._output(element, image)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                logging.warning("Skipping undecodable image %s: %s", element.get("path"), e)
+                continue
+            batch["image"][row] = output["image"]
+            batch["label"][row] = output["label"]
+            batch["mask"][row] = 1.0
+        return batch
 
 
 class DropUndecodable(grain.transforms.Filter):
