@@ -1,0 +1,154 @@
+"""Train-step throughput (images/s): our jitted step vs torchvision + PyTorch, side by side, on this machine.
+
+    python benchmarks/train_step.py            # resnet18/resnet50 x 32/128 px x float32/bfloat16
+    python benchmarks/train_step.py --quick    # resnet18 at 32 px, float32 only, ~2 min
+    python benchmarks/train_step.py --models resnet18 --sizes 128 --dtypes float32 --convs default,lax
+
+For each case (model, image size, dtype) it builds, in this one process: our step (the project's
+`resnet_jax.steps.train_step`, compiled by `resnet_jax.parallel.DataParallel`, with the conv implementation(s)
+of `--convs`), PyTorch eager, and `torch.compile` (for the cases in `--torch_compile`; compiling resnet50 takes
+minutes on 2 cores). It then alternates timed runs of all of them (`--repeats` rounds of `--steps` steps) and
+prints the median images/s and the ratio ours / PyTorch (above 1: we are faster). See common.py for the rules
+that make the comparison fair. Writes `<results_dir>/train_step.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import time
+
+import common
+
+
+def parse_args(doc: str = __doc__, name: str = "train_step") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--sizes", default="32,128", help="image sizes (square), comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=0,
+        help="per step; 0: 32 at sizes <= 64, else 16",
+    )
+    parser.add_argument(
+        "--convs",
+        default="default",
+        help="our conv implementations to time: default (create_model's per-platform choice), cpu "
+        "(resnet_jax.conv.CpuConv), lax (flax nn.Conv); comma-separated",
+    )
+    parser.add_argument(
+        "--torch_compile",
+        default="resnet18",
+        help="models to also time under torch.compile: a comma-separated list, 'all' or 'none'",
+    )
+    parser.add_argument(
+        "--torch_compile_sizes",
+        default="32",
+        help="image sizes at which those models are also compiled (each compile takes minutes here)",
+    )
+    parser.add_argument(
+        "--compilation_cache_dir",
+        default=os.path.join(common.REPO_ROOT, ".jax_cache"),
+        help="JAX persistent compilation cache for our steps ('' disables); speeds up re-runs only",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="calls per timed run")
+    parser.add_argument("--results_dir", default=common.DEFAULT_RESULTS_DIR)
+    parser.add_argument("--name", default=name, help="file name of the JSON result")
+    parser.add_argument("--quick", action="store_true", help="resnet18, 32 px, float32, 3 repeats")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.sizes, args.dtypes, args.repeats = "resnet18", "32", "float32", 3
+    return args
+
+
+def default_batch_size(image_size: int) -> int:
+    return 32 if image_size <= 64 else 16
+
+
+def run_cases(args: argparse.Namespace, mode: str) -> None:
+    """Times every case of `args` for `mode` ('train' or 'eval'), prints, and writes the JSON result."""
+    if args.compilation_cache_dir:
+        common.enable_compilation_cache(args.compilation_cache_dir)
+    build_ours = common.jax_train_runner if mode == "train" else common.jax_eval_runner
+    build_torch = common.torch_train_runner if mode == "train" else common.torch_eval_runner
+    machine = common.machine_description()
+    print(common.describe_machine_line(machine), flush=True)
+    compile_ok, compile_error = common.torch_compile_works()
+    compile_models = {
+        "all": set(args.models.split(",")),
+        "none": set(),
+    }.get(args.torch_compile, set(args.torch_compile.split(",")))
+    if not compile_ok:
+        print(f"torch.compile does not work here ({compile_error}); timing eager PyTorch only")
+        compile_models = set()
+    cases = []
+    for model_name, size, dtype in itertools.product(
+        args.models.split(","), [int(s) for s in args.sizes.split(",")], args.dtypes.split(",")
+    ):
+        batch_size = args.batch_size or default_batch_size(size)
+        print(f"\n== {mode} {model_name} {size}x{size} {dtype} batch {batch_size}", flush=True)
+        runners, build_seconds = {}, {}
+        for conv in args.convs.split(","):
+            start = time.perf_counter()
+            runners[f"ours[{conv}]"] = build_ours(model_name, size, batch_size, dtype, conv=conv)
+            build_seconds[f"ours[{conv}]"] = time.perf_counter() - start
+        start = time.perf_counter()
+        runners["torch_eager"] = build_torch(model_name, size, batch_size, dtype)
+        build_seconds["torch_eager"] = time.perf_counter() - start
+        if model_name in compile_models and str(size) in args.torch_compile_sizes.split(","):
+            start = time.perf_counter()
+            runners["torch_compile"] = build_torch(
+                model_name, size, batch_size, dtype, compile_model=True
+            )
+            build_seconds["torch_compile"] = time.perf_counter() - start
+        for name, seconds in build_seconds.items():
+            print(f"  built {name} (incl. compile and first call) in {seconds:.1f} s", flush=True)
+        times = common.alternate(runners, args.repeats, args.steps)
+        images_per_s = {name: batch_size / common.median(t) for name, t in times.items()}
+        ratios = {}
+        for ours in (n for n in runners if n.startswith("ours")):
+            for theirs in (n for n in runners if n.startswith("torch")):
+                ratios[f"{ours}/{theirs}"] = images_per_s[ours] / images_per_s[theirs]
+        for name, value in images_per_s.items():
+            spread = [batch_size / t for t in times[name]]
+            print(
+                f"  {name:20s} {value:8.1f} images/s  (runs: {min(spread):.1f}-{max(spread):.1f})"
+            )
+        for name, value in ratios.items():
+            print(f"  ratio {name:34s} {value:5.2f}x")
+        cases.append(
+            {
+                "model": model_name,
+                "image_size": size,
+                "dtype": dtype,
+                "batch_size": batch_size,
+                "images_per_s": images_per_s,
+                "seconds_per_call_runs": times,
+                "ratios": ratios,
+                "build_seconds": build_seconds,
+            }
+        )
+        del runners
+        gc.collect()
+    machine["load_average_1m_end"] = common.machine_description()["load_average_1m"]
+    path = common.write_result(
+        args.results_dir,
+        args.name,
+        {"benchmark": mode, "args": vars(args), "machine": machine, "cases": cases},
+    )
+    print(f"\nwrote {path}")
+
+
+def main() -> None:
+    run_cases(parse_args(), "train")
+
+
+if __name__ == "__main__":
+    main()
