@@ -528,6 +528,20 @@ def test_digits_is_the_whole_sklearn_set_with_a_fixed_stratified_split():
     )  # every class ~20% of its members
 
 
+def test_dataset_normalization_uses_the_train_split_statistics():
+    # One batch holding the whole digits train split, unaugmented: exactly zero mean and unit std per channel.
+    config = _config(dataset="digits", normalization="dataset")
+    batch = next(
+        create_train_iterator(
+            config, process_index=0, process_count=1, local_batch_size=1437, seed=0
+        )
+    )
+    np.testing.assert_allclose(batch["image"].mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(
+        batch["image"].astype(np.float64).std(axis=(0, 1, 2)), 1.0, atol=1e-4
+    )
+
+
 def test_digits_upsampled_to_a_larger_image_size():
     config = _config(dataset="digits", image_size=32, augment="cifar")
     batch = next(

@@ -255,7 +255,8 @@ def create_train_iterator(
 ) -> grain.DataLoaderIterator:
     """An endless iterator of this process's training batches {'image': f32 (B,H,W,3), 'label': i32 (B,)}.
 
-    Deterministic from `seed` (shuffle order and augmentation), reshuffled every epoch. Process p of N reads
+    Deterministic from `seed` (shuffle order and augmentation), reshuffled every epoch. Every process must pass
+    the same seed: the shards are cut from one seed-fixed permutation of the split. Process p of N reads
     `len(split) // N` examples (the same count on every process; the remainder is left out, differently each
     seed), batched with drop_remainder, so an epoch is `len(split) // N // local_batch_size` batches per process.
     The iterator's `get_state()` / `set_state()` are what `grain.checkpoint.CheckpointSave/Restore` store.
