@@ -312,7 +312,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     def init_state() -> TrainState:
-        variables = init_variables(model, jax.random.key(config.seed), info.image_size)
+        # The "rbg" generator: compiling model.init with the default threefry takes ~7x longer (33 s vs
+        # 4.7 s for cifar_resnet20 on CPU), one threefry per kernel. Same distributions; the stream is
+        # deterministic for a seed on a given backend (not guaranteed identical across backends).
+        rng = jax.random.key(config.seed, impl="rbg")
+        variables = init_variables(model, rng, info.image_size)
         return create_train_state(variables, tx, use_ema=config.ema_decay > 0)
 
     state = dp.init_state(init_state)

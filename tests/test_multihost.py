@@ -37,11 +37,21 @@ WORKER = textwrap.dedent(
     config.update({"nesterov": True, "learning_rate": 0.1, "num_train_steps": 5, "warmup_epochs": 1.0})
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=2)
     tx = optim.create_optimizer(config, schedule)
-    model = create_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1, 1), bn_axis_name=DATA_AXIS)
+    model = create_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1), stage_widths=(8, 16),
+                         bn_axis_name=DATA_AXIS)
     dp = DataParallel("shard_map")
     local_batch = dp.check_batch_size(16)
-    state = dp.init_state(lambda: train_state.create_train_state(
-        train_state.init_variables(model, jax.random.key(0), 8), tx, use_ema=False))
+    # Deterministic numpy weights (compiling model.init would cost more than the steps), placed by every
+    # process with make_array_from_process_local_data.
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32)))
+    init_rng = np.random.default_rng(1)
+    def leaf(path, shape):
+        if path[-1].key == "kernel":
+            fan_in = np.prod(shape.shape[:-1])
+            return (init_rng.normal(size=shape.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        return (np.ones if path[-1].key in ("scale", "var") else np.zeros)(shape.shape, np.float32)
+    variables = jax.tree_util.tree_map_with_path(leaf, dict(shapes))
+    state = dp.replicate(jax.device_get(train_state.create_train_state(variables, tx, use_ema=False)))
     step = dp.compile(functools.partial(
         steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=schedule, label_smoothing=0.1,
         ema_decay=0.0, axis_name=DATA_AXIS), donate_state=True)
