@@ -8,7 +8,7 @@ Eval: one pass, no shuffle, each process a contiguous slice of the split; batche
 with a 0/1 `mask` and every process yielding the same number of batches, so multi-host evaluation never waits on a
 process that has run out and every example is counted exactly once.
 
-Config keys (all optional except `dataset`): dataset ('digits' | 'folder:/root' | a TFDS name), data_dir,
+Config keys (all optional): dataset ('digits' (default) | 'folder:/root' | a TFDS name), data_dir,
 train_split, eval_split, image_size, augment ('imagenet' | 'cifar' | 'none'), crop_padding (cifar, default 4),
 normalization ('dataset' | 'imagenet'), num_workers (Grain worker processes, 0 = in this process),
 prefetch_buffer_size (records read ahead per process), num_read_threads, worker_buffer_size (batches each worker

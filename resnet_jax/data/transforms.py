@@ -8,7 +8,8 @@ Images whose size differs from image_size are resized (bilinear, antialiased, as
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
 least image_size pixels wide (PIL `Image.draft`), which cuts decode time several-fold on ImageNet-sized photos.
 
-A record that cannot be decoded becomes None (logged with its path); `DropUndecodable` removes it.
+A training record that cannot be decoded becomes None (logged with its path) and `DropUndecodable` removes
+it; in eval it becomes a zero row with mask 0.
 """
 
 from __future__ import annotations
