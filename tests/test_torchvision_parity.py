@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from resnet_jax import create_model
 from resnet_jax.convert import flax_to_torchvision, torchvision_to_flax
@@ -107,20 +108,18 @@ def test_param_count_equals_torchvision(name):
         assert ours == expected, (name, num_classes)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
-def test_converted_torchvision_weights_give_torchvision_logits_and_features(name):
-    reference = randomized_torchvision_model(name)
-    state_dict = numpy_state_dict(reference)
+def assert_matches_torchvision(reference, variables, name: str, **model_options) -> None:
+    """Eval-mode logits and pooled features of our model within TOLERANCE of the torchvision module's."""
     images = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     captured = {}
-    reference.avgpool.register_forward_hook(
+    hook = reference.avgpool.register_forward_hook(
         lambda module, inputs, output: captured.update(pooled=output.flatten(1).numpy().copy())
     )
     with torch.no_grad():
         expected_logits = reference(torch.from_numpy(images)).numpy().copy()
+    hook.remove()
 
-    variables = torchvision_to_flax(reference.state_dict(), name)
-    model = create_model(name, num_classes=NUM_CLASSES)
+    model = create_model(name, num_classes=NUM_CLASSES, **model_options)
     # Op by op, not jitted: for these one-off applies of deep nets XLA's compile costs more than it saves.
     outputs = model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), features=True)
 
@@ -128,13 +127,22 @@ def test_converted_torchvision_weights_give_torchvision_logits_and_features(name
     logits_scale = max(1.0, float(np.abs(expected_logits).max()))
     pooled_diff = float(np.abs(np.asarray(outputs["pooled"]) - captured["pooled"]).max())
     pooled_scale = max(1.0, float(np.abs(captured["pooled"]).max()))
+    conv = model.conv.__name__
     print(
-        f"\n{name}: logits max|diff| {logits_diff:.2e} (max|logits| {np.abs(expected_logits).max():.3g}, "
-        f"relative {logits_diff / logits_scale:.2e}); pooled max|diff| {pooled_diff:.2e} "
-        f"(relative {pooled_diff / pooled_scale:.2e})"
+        f"\n{name} ({conv}): logits max|diff| {logits_diff:.2e} (max|logits| "
+        f"{np.abs(expected_logits).max():.3g}, relative {logits_diff / logits_scale:.2e}); "
+        f"pooled max|diff| {pooled_diff:.2e} (relative {pooled_diff / pooled_scale:.2e})"
     )
     assert logits_diff <= TOLERANCE * logits_scale
     assert pooled_diff <= TOLERANCE * pooled_scale
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_converted_torchvision_weights_give_torchvision_logits_and_features(name):
+    reference = randomized_torchvision_model(name)
+    state_dict = numpy_state_dict(reference)
+    variables = torchvision_to_flax(reference.state_dict(), name)
+    assert_matches_torchvision(reference, variables, name)  # with create_model's default conv
 
     # torchvision -> flax -> torchvision: same keys in the same order, every value bit-exact. resnet_jax keeps
     # no num_batches_tracked (the calibration pass set torch's to 1): it comes back as int64 0.
@@ -183,3 +191,11 @@ def test_flax_variables_from_model_init_survive_the_round_trip_through_torchvisi
     assert_bit_exact(
         torchvision_to_flax(flax_to_torchvision(variables, "resnet18"), "resnet18"), variables
     )
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+def test_lax_conv_model_matches_torchvision_too(name):
+    # create_model's default conv depends on the platform (matmul forms on CPU); GPU and TPU run nn.Conv.
+    reference = randomized_torchvision_model(name)
+    variables = torchvision_to_flax(reference.state_dict(), name)
+    assert_matches_torchvision(reference, variables, name, conv=nn.Conv)
