@@ -7,11 +7,11 @@ model: one error lists every missing, unexpected and mis-shaped path at once.
 
 `config.finetune_mode` chooses what trains:
 
-| mode           | backbone weights            | BatchNorm statistics      | head  |
-|----------------|-----------------------------|---------------------------|-------|
-| "full"         | train (lr x `backbone_lr_multiplier`) | updated from batches | train |
-| "frozen_bn"    | train (lr x `backbone_lr_multiplier`) | frozen (running stats) | train |
-| "linear_probe" | frozen (zero update)        | frozen (running stats)    | train |
+| mode           | backbone weights                 | BatchNorm statistics     | head   |
+|----------------|----------------------------------|--------------------------|--------|
+| "full"         | train (lr x backbone multiplier) | updated from each batch  | trains |
+| "frozen_bn"    | train (lr x backbone multiplier) | frozen (running stats)   | trains |
+| "linear_probe" | frozen (zero update)             | frozen (running stats)   | trains |
 
 Frozen BatchNorm is the model option `bn_frozen=True` (normalize with the running statistics even in training),
 which is what small fine-tuning batches want. Parameter groups go to `optim.create_optimizer` as a label tree
