@@ -325,6 +325,17 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
     return variables
 
 
+def _flax_leaves(variables: Mapping[str, Any]) -> dict[tuple[str, tuple[str, ...]], Any]:
+    """`{(collection, module path): array}` for the `params` and `batch_stats` of `variables`."""
+    leaves = {}
+    for collection in ("params", "batch_stats"):
+        subtree = variables.get(collection, {})
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+            path = tuple(getattr(k, "key", str(k)) for k in key_path)
+            leaves[(collection, path)] = leaf
+    return leaves
+
+
 def flax_to_torchvision(variables: Mapping[str, Any], name: str) -> StateDict:
     """Converts resnet_jax variables into a torchvision state dict of numpy arrays.
 
@@ -338,12 +349,7 @@ def flax_to_torchvision(variables: Mapping[str, Any], name: str) -> StateDict:
       ConversionError: unknown name, or variables missing / unexpected / mis-shaped (all listed).
     """
     _check_name(name)
-    leaves = {}
-    for collection in ("params", "batch_stats"):
-        subtree = variables.get(collection, {})
-        for key_path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
-            path = tuple(getattr(k, "key", str(k)) for k in key_path)
-            leaves[(collection, path)] = leaf
+    leaves = _flax_leaves(variables)
     unknown_collections = sorted(set(variables) - {"params", "batch_stats"})
     fc_kernel = leaves.get(("params", ("fc", "kernel")))
     num_classes = np.shape(fc_kernel)[-1] if fc_kernel is not None else 0
@@ -426,12 +432,13 @@ def load_state_dict_file(path: str) -> StateDict:
       CheckpointFileError: missing, truncated, not a checkpoint, or holding code; the message is one line.
     """
     if not os.path.isfile(path):
-        raise CheckpointFileError(f"{path}: no such file")
+        what = "a directory, not a state dict file" if os.path.isdir(path) else "no such file"
+        raise CheckpointFileError(f"{path}: {what}")
     if path.endswith(SAFETENSORS_SUFFIX):
         from safetensors.numpy import load_file
 
         try:
-            return {key: np.array(value) for key, value in _unwrap(load_file(path)).items()}
+            return dict(load_file(path))  # fresh arrays, owned by us
         except Exception as error:  # the Rust reader raises its own SafetensorError type
             raise CheckpointFileError(
                 f"{path} is not a readable safetensors file (truncated or another format): "
@@ -500,7 +507,7 @@ def _commit(temporary: str, path: str) -> None:
                 os.rename(backup, path)
             raise
         if backup is not None:
-            shutil.rmtree(backup) if os.path.isdir(backup) else os.remove(backup)
+            _discard(backup)
     else:
         os.replace(temporary, path)  # atomic for files
 
@@ -555,10 +562,6 @@ def load_variables_any(path: str) -> tuple[Variables, dict[str, Any]]:
         raise CheckpointFileError(
             f"{path} could not be read as a resnet_jax variables checkpoint: {_first_line(error)}"
         ) from error
-
-
-def _param_count(variables: Variables) -> int:
-    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -626,6 +629,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _param_count(variables: Variables) -> int:
+    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
+
+
 def _infer_or_fail(shapes: Mapping[str, Sequence[int]], source: str) -> str:
     name = infer_architecture(shapes)
     if name is None:
@@ -668,13 +675,10 @@ def _to_torch(args: argparse.Namespace) -> str:
     variables, metadata = load_variables_any(args.source)
     name = args.model or metadata.get("model")
     if name is None:
-        shapes = {}
-        for collection in ("params", "batch_stats"):
-            for key_path, leaf in jax.tree_util.tree_flatten_with_path(
-                variables.get(collection, {})
-            )[0]:
-                path = tuple(k.key for k in key_path)
-                shapes[torch_key(collection, path)] = _torch_shape(np.shape(leaf))
+        shapes = {
+            torch_key(collection, path): _torch_shape(np.shape(leaf))
+            for (collection, path), leaf in _flax_leaves(variables).items()
+        }
         name = _infer_or_fail(shapes, args.source)
     state_dict = flax_to_torchvision(variables, name)
     save_state_dict_file(state_dict, args.destination)
@@ -692,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "the new one is complete)"
             )
         message = _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
-    except (ConversionError, CheckpointFileError, FileExistsError) as error:
+    except (ConversionError, CheckpointFileError, OSError) as error:  # OSError: e.g. a full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(message)
