@@ -274,3 +274,56 @@ def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(model.apply(variables, images), expected, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_training_config(**overrides) -> ml_collections.ConfigDict:
+    from resnet_jax import training
+
+    config = training.base_config()
+    defaults = dict(
+        model="cifar_resnet20",
+        dataset="digits",
+        image_size=8,
+        batch_size=32,
+        num_train_steps=3,
+        learning_rate=0.05,
+        warmup_epochs=0.0,
+        log_every_steps=3,
+        eval_every_steps=3,
+        checkpoint_every_steps=3,
+    )
+    config.update({**defaults, **overrides})
+    return config
+
+
+def test_trainer_linear_probe_from_init_from_changes_only_the_head(tmp_path):
+    """train_and_evaluate with config.init_from: the restored backbone and its statistics stay bit-identical."""
+    from resnet_jax import training
+    from resnet_jax.checkpoint import load_variables
+
+    training.train_and_evaluate(_tiny_training_config(), str(tmp_path / "pretrain"))
+    pretrained, _ = load_variables(str(tmp_path / "pretrain"))
+    training.train_and_evaluate(
+        _tiny_training_config(
+            init_from=str(tmp_path / "pretrain"), finetune_mode="linear_probe", seed=1
+        ),
+        str(tmp_path / "probe"),
+    )
+    probed, metadata = load_variables(str(tmp_path / "probe"))
+    assert metadata["step"] == 3  # a fresh step counter, not the pretrained run's
+
+    def backbone(params):
+        return {k: v for k, v in params.items() if k != "fc"}
+
+    assert bits(backbone(probed["params"])) == bits(backbone(pretrained["params"]))
+    assert bits(probed["batch_stats"]) == bits(pretrained["batch_stats"])
+    assert not np.array_equal(
+        probed["params"]["fc"]["kernel"], pretrained["params"]["fc"]["kernel"]
+    )
+
+    # A checkpoint of another architecture is a config error naming the paths, before any training.
+    with pytest.raises(training.ConfigError, match=r"does not fit the model \(resnet18\)"):
+        training.train_and_evaluate(
+            _tiny_training_config(model="resnet18", init_from=str(tmp_path / "pretrain")),
+            str(tmp_path / "wrong"),
+        )
