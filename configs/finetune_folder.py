@@ -30,13 +30,16 @@ from resnet_jax.training import base_config
 def get_config():
     config = base_config()
     config.model = "resnet50"
-    config.init_from = ""  # set on the command line: --config.init_from=ckpt/resnet50
+    # Where the convert command above writes; a missing checkpoint is an error, never a silent scratch run.
+    config.init_from = "ckpt/resnet50"
     config.finetune_mode = "full"
     config.backbone_lr_multiplier = (
         0.1  # the pretrained backbone moves 10x slower than the new head
     )
 
-    config.dataset = ""  # set on the command line: --config.dataset=folder:/path/to/root
+    config.dataset = (
+        "folder:/path/to/root"  # set on the command line: --config.dataset=folder:/your/images
+    )
     config.image_size = 224
     config.augment = "imagenet"
     config.normalization = "imagenet"  # the statistics the torchvision weights were trained with
