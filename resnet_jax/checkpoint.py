@@ -323,9 +323,27 @@ class TrainingCheckpointer:
         """
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_like(target_state))}
         if data_iterator is not None:
+            self._check_data_processes(step)
             items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def _check_data_processes(self, step: int) -> None:
+        """Each process restores its own iterator file: the process count must be the one that saved."""
+        data_dir = os.path.join(self.directory, str(step), "data")
+        if not os.path.isdir(data_dir):
+            return
+        counts = {
+            name.rsplit("-of-", 1)[1].removesuffix(".json")
+            for name in os.listdir(data_dir)
+            if name.startswith("process_") and "-of-" in name
+        }
+        if counts and counts != {str(jax.process_count())}:
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} was written by {', '.join(sorted(counts))} "
+                f"process(es) and this run has {jax.process_count()}: the data position is per process, "
+                "so resume with the same number of processes (or fine-tune from it with config.init_from)"
+            )
 
     def restore_latest(
         self, target_state: PyTree, data_iterator: Any | None = None

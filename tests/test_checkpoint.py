@@ -252,3 +252,16 @@ def test_kill_during_async_save_restarts_from_the_previous_complete_checkpoint(t
         checkpointer.wait_until_finished()
         assert checkpointer.all_steps() == [1, 2]
     assert sorted(os.listdir(directory)) == ["1", "2"]  # the temporary directory was cleaned up
+
+
+def test_resuming_with_another_process_count_is_a_clear_error(tmp_path):
+    iterator = iter(make_loader())
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        checkpointer.save(1, make_state(0), iterator)
+    data_dir = tmp_path / "checkpoints" / "1" / "data"
+    (data_dir / "process_0-of-1.json").rename(
+        data_dir / "process_0-of-2.json"
+    )  # as 2 processes write
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        with pytest.raises(ValueError, match="written by 2 process"):
+            checkpointer.restore_latest(make_state(1), iter(make_loader()))
