@@ -3,7 +3,7 @@ r"""The default job: a CIFAR-style ResNet-20 on scikit-learn's bundled handwritt
 Run:
   python train.py --config configs/default.py --workdir runs/default
 Smoke test (same config, a few steps):
-  python train.py --config configs/default.py --workdir /tmp/smoke --config.num_train_steps=20
+  python train.py --config configs/default.py --workdir /tmp/smoke --config.num_train_steps=30
 
 Expect: >= 98% test accuracy on the 360 held-out digits in a few minutes on 2 CPU cores
 (see the README's "Training" section for the measured accuracy and wall time).

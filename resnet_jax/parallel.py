@@ -40,9 +40,9 @@ class DataParallel:
 
     Args:
       parallelism: "shard_map" or "pmap".
-      devices: for shard_map, the mesh's devices (default: all). pmap always maps over `jax.local_devices()`
-        (across processes it spans every process's local devices); tests pass a subset here to compare
-        a 1-device run with an 8-device run in one process.
+      devices: for shard_map, the mesh's devices (default: every device of every process); for pmap, the
+        devices of this single process to map over (default: `jax.local_devices()` of every process,
+        collectives spanning all of them). Tests pass a subset to compare 1 and 8 devices in one process.
     """
 
     def __init__(self, parallelism: str = "shard_map", devices: list[jax.Device] | None = None):
@@ -58,7 +58,13 @@ class DataParallel:
             self._replicated = NamedSharding(self.mesh, P())
             self._batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         else:
+            if devices is not None and jax.process_count() > 1:
+                raise ValueError("pmap over a subset of devices is for single-process use only")
             self.local_devices = list(jax.local_devices() if devices is None else devices)
+            # pmap's `devices` must list the same global devices on every process; left unset, pmap maps
+            # over the local devices and its collectives span every process. Passing each process's
+            # local devices would silently confine the gradient average to one host.
+            self._pmap_devices = None if devices is None else self.local_devices
             self.num_devices = len(self.local_devices) * jax.process_count()
             # Stacked per-device copies / batch slices, one row per local device, as pmap expects them.
             self._local_mesh = Mesh(np.array(self.local_devices), (DATA_AXIS,))
@@ -134,7 +140,7 @@ class DataParallel:
             return jax.pmap(
                 per_device_fn,
                 axis_name=DATA_AXIS,
-                devices=self.local_devices,
+                devices=self._pmap_devices,
                 donate_argnums=donate,
             )
         # check_vma=False: with it on, shard_map differentiates a replicated (P()) parameter as one

@@ -296,7 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_main = jax.process_index() == 0
 
     model = create_model_from_config(config, info.num_classes)
-    learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    try:
+        learning_rate_fn = optim.create_learning_rate_schedule(config, steps_per_epoch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     param_labels = lr_multipliers = None
     if config.finetune_mode != "full" or config.backbone_lr_multiplier != 1.0:
         # Head vs backbone groups, from the params' structure (eval_shape: no compute).
@@ -409,7 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics = evaluate(eval_fn, state, dp, batches)
             results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
         writer.write(step, results)
-        progress.write(reporting.format_metrics(step, results))
+        if is_main:
+            progress.write(reporting.format_metrics(step, results))
         return results
 
     train_metrics = _TrainMetrics(dp)
@@ -432,9 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 summary["epoch"] = step / steps_per_epoch
                 writer.write(step, summary)
                 progress.update(0, loss=summary["train_loss"])
-                if (
-                    not progress.enabled
-                ):  # no bar (not a terminal, e.g. a log file): one line per log
+                # Without a bar (stderr is not a terminal, e.g. a log file): one line per log.
+                if is_main and not progress.enabled:
                     progress.write(reporting.format_metrics(step, summary))
                 final.update(summary)
                 timer_start, timer_step = time.perf_counter(), step

@@ -2,7 +2,7 @@
 
 Two processes with 4 simulated CPU devices each (gloo collectives, a free port, a short initialization
 timeout) train 5 steps, each feeding only its half of every global batch; one process with 8 devices trains
-the same 5 steps on the whole batches. The losses must agree. A process whose coordinator never answers must
+the same 5 steps on the whole batches. The losses must agree, with either driver (shard_map and pmap). A process whose coordinator never answers must
 fail within its stated timeout rather than hang.
 """
 
@@ -39,8 +39,6 @@ WORKER = textwrap.dedent(
     tx = optim.create_optimizer(config, schedule)
     model = create_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1), stage_widths=(8, 16),
                          bn_axis_name=DATA_AXIS)
-    dp = DataParallel("shard_map")
-    local_batch = dp.check_batch_size(16)
     # Deterministic numpy weights (compiling model.init would cost more than the steps), placed by every
     # process with make_array_from_process_local_data.
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32)))
@@ -50,22 +48,29 @@ WORKER = textwrap.dedent(
             fan_in = np.prod(shape.shape[:-1])
             return (init_rng.normal(size=shape.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
         return (np.ones if path[-1].key in ("scale", "var") else np.zeros)(shape.shape, np.float32)
-    variables = jax.tree_util.tree_map_with_path(leaf, dict(shapes))
-    state = dp.replicate(jax.device_get(train_state.create_train_state(variables, tx, use_ema=False)))
-    step = dp.compile(functools.partial(
-        steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=schedule, label_smoothing=0.1,
-        ema_decay=0.0, axis_name=DATA_AXIS), donate_state=True)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(5):
-        images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
-        labels = rng.integers(0, 10, 16).astype(np.int32)
-        rows = slice(process_id * local_batch, (process_id + 1) * local_batch)  # this process's share
-        state, metrics = step(state, dp.shard_batch({"image": images[rows], "label": labels[rows]}))
-        losses.append(float(dp.fetch(metrics)["loss"]))
-    params = dp.unreplicate(state.params)
+    initial_state = jax.device_get(train_state.create_train_state(
+        jax.tree_util.tree_map_with_path(leaf, dict(shapes)), tx, use_ema=False))
+
+    def train(parallelism):
+        dp = DataParallel(parallelism)
+        local_batch = dp.check_batch_size(16)
+        state = dp.replicate(initial_state)
+        step = dp.compile(functools.partial(
+            steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=schedule, label_smoothing=0.1,
+            ema_decay=0.0, axis_name=DATA_AXIS), donate_state=True)
+        rng = np.random.default_rng(0)
+        losses = []
+        for _ in range(5):
+            images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+            labels = rng.integers(0, 10, 16).astype(np.int32)
+            rows = slice(process_id * local_batch, (process_id + 1) * local_batch)  # this process's share
+            state, metrics = step(state, dp.shard_batch({"image": images[rows], "label": labels[rows]}))
+            losses.append(float(dp.fetch(metrics)["loss"]))
+        params = dp.unreplicate(state.params)
+        return {"losses": losses, "fc_kernel_sum": float(np.sum(params["fc"]["kernel"]))}
+
     with open(out, "w") as f:
-        json.dump({"losses": losses, "fc_kernel_sum": float(np.sum(params["fc"]["kernel"]))}, f)
+        json.dump({parallelism: train(parallelism) for parallelism in ("shard_map", "pmap")}, f)
     """
 )
 
@@ -106,14 +111,19 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
         returncode, stderr = finish(proc, timeout=540)
         assert returncode == 0, stderr[-5000:]
     results = [json.loads(path.read_text()) for path in [*outs, single_out]]
-    two_process_0, two_process_1, one_process = results
-    # Both processes see the same global loss; it equals the single process's.
-    assert two_process_0["losses"] == two_process_1["losses"]
-    np.testing.assert_allclose(two_process_0["losses"], one_process["losses"], rtol=1e-5)
+    for parallelism in ("shard_map", "pmap"):
+        two_process_0, two_process_1, one_process = (r[parallelism] for r in results)
+        # Both processes see the same global loss; it equals the single process's.
+        assert two_process_0["losses"] == two_process_1["losses"]
+        np.testing.assert_allclose(two_process_0["losses"], one_process["losses"], rtol=1e-5)
+        np.testing.assert_allclose(
+            two_process_0["fc_kernel_sum"], one_process["fc_kernel_sum"], rtol=1e-4
+        )
+        assert len(set(one_process["losses"])) > 1  # the steps did train
+    # And the drivers agree with each other.
     np.testing.assert_allclose(
-        two_process_0["fc_kernel_sum"], one_process["fc_kernel_sum"], rtol=1e-4
+        results[2]["pmap"]["losses"], results[2]["shard_map"]["losses"], rtol=1e-5
     )
-    assert len(set(one_process["losses"])) > 1  # the steps did train
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
