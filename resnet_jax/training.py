@@ -200,9 +200,10 @@ class _TrainMetrics:
         for (step, _), metrics in zip(self._on_device, fetched, strict=True):
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
                 raise NonFiniteLossError(
-                    f"non-finite training loss {float(metrics['loss'])} (gradient norm "
-                    f"{float(metrics['grad_norm'])}) at step {step}; stopping. Lower learning_rate, add "
-                    f"warmup_epochs or grad_clip_norm. No checkpoint was written from step {step} on."
+                    f"non-finite training loss or gradient at step {step} (loss "
+                    f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}); stopping. "
+                    "Lower learning_rate, add warmup_epochs or grad_clip_norm. No checkpoint was written "
+                    f"from step {step} on."
                 )
             self._on_host.append((step, {k: float(v) for k, v in metrics.items()}))
         self._on_device = []
