@@ -135,16 +135,19 @@ def test_bfloat16_compute_keeps_params_optimizer_state_and_bn_in_float32():
         }
     loss = dp.fetch(metrics)["loss"]
     assert loss.dtype == np.float32 and np.isfinite(loss)
-    # The convolutions really run in bfloat16.
+    # The convolutions (lax convs, or the matmuls CpuConv computes them with on CPU) and the classifier
+    # really run in bfloat16. Convs sit in nested jaxprs; each printed equation starts with its typed
+    # outputs, e.g. "c:bf16[...] =".
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
         host.variables, np.asarray(batch["image"])
     )
-    # (Convs sit in nested jaxprs; each printed equation starts with its typed outputs, e.g. "c:bf16[...] =".)
-    conv_outputs = [
-        line.split("=")[0] for line in str(jaxpr).splitlines() if "conv_general_dilated[" in line
+    outputs = [
+        line.split("=")[0]
+        for line in str(jaxpr).splitlines()
+        if "conv_general_dilated[" in line or "dot_general[" in line
     ]
-    assert len(conv_outputs) >= 3  # one per distinct conv shape at least (jaxprs share repeats)
-    assert all("bf16[" in out and "f32[" not in out for out in conv_outputs)
+    assert len(outputs) >= 3
+    assert all("bf16[" in out and "f32[" not in out for out in outputs), outputs
 
 
 def test_eval_step_ignores_padding_rows():
