@@ -1,12 +1,12 @@
 """Convolutions that XLA:CPU runs fast, drop-in for `flax.linen.Conv` in the ResNets.
 
-XLA's CPU backend lowers every convolution to one Eigen spatial-convolution routine. It is fine for the forward
-pass over large maps, but two cases dominate a ResNet train step on CPU (measured, see benchmarks/README.md):
+XLA's CPU backend lowers every convolution to one Eigen spatial-convolution routine. Timing each of ResNet's conv
+shapes alone (benchmarks/conv_shapes.py; forward + gradients, batch 16, 2-core AMD EPYC) showed:
 
-* small maps (the last stages: 4x4, 2x2, 1x1): a 3x3 conv over a 2x2 map with 512 channels takes ~30x longer than
-  the same math as one matmul, because most of its taps read only padding;
-* the kernel gradient of 3x3 convs over large maps (32x32 and up), which XLA computes as a convolution whose
-  "kernel" is the whole output map: several times slower than the per-tap matmuls it amounts to.
+* small maps are the big loss: a 3x3 conv over a 2x2 map with 512 channels took 854 ms, the same math as one
+  matmul 24 ms, because most of its taps read only padding; up to 8x8 outputs the matmul form still wins;
+* at 16x16 outputs XLA's kernel gradient (a convolution whose "kernel" is the whole output map) is slower than
+  one matmul per tap (41 vs 51 ms for 128 channels); at 32x32 and up XLA's own conv is the fastest form.
 
 `CpuConv` keeps the parameters of `nn.Conv` (one `kernel`, HWIO, same shape and initializer call, same RNG
 stream), so checkpoints, torchvision conversion and initialization do not care which module ran, and computes:
@@ -14,9 +14,9 @@ stream), so checkpoints, torchvision conversion and initialization do not care w
 * 1x1 convs as one matmul over the (strided) input;
 * convs whose output map is at most `SMALL_MAP` x `SMALL_MAP` as im2col + one matmul, skipping the taps that
   fall wholly in the padding (they multiply only zeros);
-* the rest with `lax.conv_general_dilated` forward and input gradient, and the kernel gradient as one matmul per
-  tap (`custom_vjp`);
-* grouped convs (ResNeXt) and string paddings with `lax.conv_general_dilated`, as `nn.Conv` does.
+* outputs up to `TAP_GRAD_MAP` with `lax.conv_general_dilated` forward and input gradient, and the kernel
+  gradient as one matmul per tap (`custom_vjp`);
+* larger outputs, grouped convs (ResNeXt) and string paddings with `lax.conv_general_dilated`, as `nn.Conv` does.
 
 Every form computes the same sums as `lax.conv_general_dilated` in a different order, so outputs and gradients
 agree to float32 rounding (tests/test_conv.py).
@@ -35,10 +35,12 @@ from jax import lax
 Dtype = Any
 Padding = Sequence[tuple[int, int]]
 
-# Output maps up to this size (in both dimensions) use im2col + one matmul; larger ones use lax.conv forward.
-# Measured on XLA:CPU: im2col wins clearly at 2x2 and 1x1 outputs, draws at 4x4, loses from 8x8 up (its patch
-# matrix is 9x the activation and costs more to build than the conv).
-SMALL_MAP = 4
+# Output maps up to SMALL_MAP (both dimensions) use im2col + one matmul; up to TAP_GRAD_MAP, lax.conv with the
+# per-tap kernel gradient; larger ones plain lax.conv. Measured per shape by benchmarks/conv_shapes.py: im2col's
+# patch matrix is 9x the activation, which costs more than the conv from 16x16 up; the per-tap gradient wins at
+# 16x16 and loses at 32x32.
+SMALL_MAP = 8
+TAP_GRAD_MAP = 16
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -182,7 +184,7 @@ def cpu_conv(
     out_w = _output_size(w, kw, strides[1], padding[1])
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
         return im2col_conv(x, kernel, strides, padding)
-    if not tap_kernel_grad:
+    if not tap_kernel_grad or out_h > TAP_GRAD_MAP or out_w > TAP_GRAD_MAP:
         return lax_conv(x, kernel, strides, padding)
     return conv_with_tap_kernel_grad(x, kernel, strides, padding)
 
