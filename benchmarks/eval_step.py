@@ -1,6 +1,6 @@
 """Eval (inference) throughput, images/s: our jitted forward vs torchvision + PyTorch, side by side.
 
-    python benchmarks/eval_step.py            # resnet18/resnet50 x 32/128 px x float32/bfloat16
+    python benchmarks/eval_step.py            # resnet18/resnet50 x 32/128 px, float32
     python benchmarks/eval_step.py --quick    # resnet18 at 32 px, float32
 
 Same cases, flags and rules as train_step.py, timing `model.apply(variables, x, train=False)` under `jax.jit`

@@ -1,15 +1,21 @@
 """Train-step throughput (images/s): our jitted step vs torchvision + PyTorch, side by side, on this machine.
 
-    python benchmarks/train_step.py            # resnet18/resnet50 x 32/128 px x float32/bfloat16
-    python benchmarks/train_step.py --quick    # resnet18 at 32 px, float32 only, ~2 min
+    python benchmarks/train_step.py            # resnet18/resnet50 x 32/128 px, float32
+    python benchmarks/train_step.py --dtypes bfloat16 --models resnet18 --sizes 32 --torch_compile none
+    python benchmarks/train_step.py --quick    # resnet18 at 32 px, float32 only
     python benchmarks/train_step.py --models resnet18 --sizes 128 --dtypes float32 --convs default,lax
 
 For each case (model, image size, dtype) it builds, in this one process: our step (the project's
 `resnet_jax.steps.train_step`, compiled by `resnet_jax.parallel.DataParallel`, with the conv implementation(s)
-of `--convs`), PyTorch eager, and `torch.compile` (for the cases in `--torch_compile`; compiling resnet50 takes
-minutes on 2 cores). It then alternates timed runs of all of them (`--repeats` rounds of `--steps` steps) and
+of `--convs`), PyTorch eager, and `torch.compile` (for the models of `--torch_compile` at the sizes of
+`--torch_compile_sizes`, by default resnet18 at 32 px only: its first compile took 3.5 min on the loaded
+2-core machine). It then alternates timed runs of all of them (`--repeats` rounds of `--steps` steps) and
 prints the median images/s and the ratio ours / PyTorch (above 1: we are faster). See common.py for the rules
 that make the comparison fair. Writes `<results_dir>/train_step.json`.
+
+Duration on a 2-core machine: the default run took 3 min with compilation caches warm; a first run adds the
+compiles (measured 0.5-2 min per step on a loaded 2-core machine; JAX's persistent cache, `--compilation_cache_dir`,
+and torch inductor's cache make later runs skip them).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ def parse_args(doc: str = __doc__, name: str = "train_step") -> argparse.Namespa
     )
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--sizes", default="32,128", help="image sizes (square), comma-separated")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    # bfloat16 is opt-in: on a CPU without AVX512-BF16 (as here) PyTorch's bf16 autocast train step runs
+    # ~60x slower than its float32 one (1.5 vs 90 images/s, resnet18 32 px), so one bf16 case at 128 px
+    # takes PyTorch many minutes.
+    parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16")
     parser.add_argument(
         "--batch_size",
         type=int,
@@ -137,12 +146,13 @@ def run_cases(args: argparse.Namespace, mode: str) -> None:
         )
         del runners
         gc.collect()
-    machine["load_average_1m_end"] = common.machine_description()["load_average_1m"]
-    path = common.write_result(
-        args.results_dir,
-        args.name,
-        {"benchmark": mode, "args": vars(args), "machine": machine, "cases": cases},
-    )
+        # Written after every case, so an interrupted run keeps what it measured.
+        machine["load_average_1m_end"] = os.getloadavg()[0]
+        path = common.write_result(
+            args.results_dir,
+            args.name,
+            {"benchmark": mode, "args": vars(args), "machine": machine, "cases": cases},
+        )
     print(f"\nwrote {path}")
 
 
