@@ -13,7 +13,7 @@ of `--convs`), PyTorch eager, and `torch.compile` (for the models of `--torch_co
 prints the median images/s and the ratio ours / PyTorch (above 1: we are faster). See common.py for the rules
 that make the comparison fair. Writes `<results_dir>/train_step.json`.
 
-Duration on a 2-core machine: the default run took 3 min with compilation caches warm; a first run adds the
+Duration on a 2-core machine: the default run took 2.5-3 min with compilation caches warm; a first run adds the
 compiles (measured 0.5-2 min per step on a loaded 2-core machine; JAX's persistent cache, `--compilation_cache_dir`,
 and torch inductor's cache make later runs skip them).
 """
