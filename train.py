@@ -12,6 +12,7 @@ A process that cannot reach the coordinator fails after `--initialization_timeou
 
 from __future__ import annotations
 
+import glob
 import logging as logging_std
 import os
 import socket
@@ -22,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import training
+from resnet_jax import data, training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/, e.g. configs/default.py.", lock_config=True
@@ -111,6 +112,41 @@ class _QuietLibraries(logging_std.Filter):
         return record.levelno >= logging_std.WARNING or not noisy
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one line (exit 2) instead of a traceback for a bad config or override."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:  # e.g. --config.batch_size=abc, or a missing required flag
+        _exit_with_usage_error(str(e))
+    except (
+        KeyError,
+        AttributeError,
+    ):  # config_flags applying an override to a key the config lacks
+        known = set(training.base_config().keys())
+        overridden = {
+            arg.split("=", 1)[0][len("--config.") :].split(".")[0]
+            for arg in argv
+            if arg.startswith("--config.")
+        }
+        unknown = sorted(overridden - known)
+        _exit_with_usage_error(
+            f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(known))}"
+        )
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(config_file.split(":")[0]):
+        recipes = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "configs", "*.py")))
+        _exit_with_usage_error(
+            f"config file {config_file!r} not found; recipes: "
+            + ", ".join(os.path.relpath(r) for r in recipes)
+        )
+    return remaining
+
+
+def _exit_with_usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -139,10 +175,10 @@ def main(argv: list[str]) -> None:
     )
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (training.ConfigError, training.NonFiniteLossError) as e:
+    except (training.ConfigError, training.NonFiniteLossError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
     # Grain's worker processes need absl flags parsed, which app.run does before main.
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -98,8 +98,11 @@ def count_macs(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
     """
     macs: dict[str, int] = {}
 
-    def visit(jaxpr: Any) -> None:
+    def visit(jaxpr: Any, outer_name_stack: str = "") -> None:
+        # Name stacks inside a sub-jaxpr (a custom_vjp such as CpuConv's, a pjit) are relative to the
+        # equation that holds it, so the outer stack is carried down to find the part.
         for eqn in jaxpr.eqns:
+            name_stack = "/".join(filter(None, [outer_name_stack, str(eqn.source_info.name_stack)]))
             name = eqn.primitive.name
             if name == "conv_general_dilated":
                 rhs_shape = eqn.invars[1].aval.shape
@@ -114,9 +117,9 @@ def count_macs(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
                 count = math.prod(eqn.outvars[0].aval.shape) * contracted
             else:
                 for sub in _sub_jaxprs(eqn.params):
-                    visit(sub)
+                    visit(sub, name_stack)
                 continue
-            part = _part(str(eqn.source_info.name_stack))
+            part = _part(name_stack)
             macs[part] = macs.get(part, 0) + int(count)
 
     visit(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -26,6 +26,7 @@ from resnet_jax import finetune, optim, reporting, steps
 from resnet_jax.checkpoint import TrainingCheckpointer, preemption_message
 from resnet_jax.models import ResNet, create_model, list_models
 from resnet_jax.parallel import DATA_AXIS, PARALLELISMS, DataParallel
+from resnet_jax.summary import log_model_summary
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
 
 _log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Data (resnet_jax.data).
     config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = default
-    config.train_split = "train"
-    config.eval_split = "test"
+    # None: the dataset's own splits (digits: train/test; folders: train/val or a held-out share;
+    # TFDS: train and validation, else test).
+    config.train_split = ml_collections.config_dict.placeholder(str)
+    config.eval_split = ml_collections.config_dict.placeholder(str)
     config.image_size = 32  # model input height = width; images are resized to it
     config.augment = (
         "none"  # "imagenet" (random-resized crop + flip) | "cifar" (pad-crop + flip) | "none"
@@ -383,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_per_step=config.batch_size,
     )
     if is_main:
+        log_model_summary(config.model, info.image_size, info.num_classes, log=_log.info)
         _log.info(
             "%s on %s: %d examples, %d classes, %dx%d; %d steps of global batch %d (%d per device on %d "
             "devices, %d process(es)), %s, %s BN",
@@ -413,6 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics = evaluate(eval_fn, state, dp, batches)
             results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
         writer.write(step, results)
+        writer.plot_curves()  # <workdir>/curves.png, redrawn at every eval
         if is_main:
             progress.write(reporting.format_metrics(step, results))
         return results
