@@ -1,7 +1,7 @@
 """ResNet-50 training throughput on GPU, bf16, synthetic data: images/s, achieved TFLOP/s, fraction of peak.
 
     bash benchmarks/gpu.sh                      # ResNet-50, 224 px, bf16, 256 images per GPU, ~3-5 min
-    python benchmarks/gpu.py --dry_run          # the same code path on CPU at a tiny size (tested in CI)
+    python benchmarks/gpu.py --dry_run          # the same code path on CPU at a tiny size (a CPU smoke run, ~1-2 min)
 
 Our side is the project's real train step (`resnet_jax.steps.train_step`, compiled by
 `resnet_jax.parallel.DataParallel` over every local GPU, state donated, `create_model`'s default conv, i.e.
