@@ -62,6 +62,11 @@ def create_learning_rate_schedule(
                 f"got lr_decay_epochs={epochs}, lr_decay_steps={steps}"
             )
         boundaries = steps or tuple(int(round(e * steps_per_epoch)) for e in epochs)
+        if list(boundaries) != sorted(set(boundaries)) or boundaries[0] <= warmup_steps:
+            raise ValueError(
+                f"lr decay boundaries {boundaries} (in steps) must be strictly increasing and after "
+                f"the {warmup_steps} warmup steps; two epochs that round to one step lose a decay"
+            )
         main = optax.piecewise_constant_schedule(
             base_lr,
             # Boundaries are absolute steps; the schedule after warmup counts from the end of warmup.
@@ -153,5 +158,14 @@ def create_optimizer(
             param_labels,
         )
     if config.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+        clip = optax.clip_by_global_norm(config.grad_clip_norm)
+        if param_labels is not None:
+            # Frozen groups' gradients are dropped before the norm is taken: they must not shrink the
+            # clipping factor of the groups that train (a linear probe clips on the head's norm alone).
+            frozen = {g for g, m in (lr_multipliers or {}).items() if m == 0.0}
+            trained = jax.tree.map(lambda label: label not in frozen, param_labels)
+            clip = optax.masked(clip, trained)
+            zero_frozen = optax.masked(optax.set_to_zero(), jax.tree.map(lambda t: not t, trained))
+            clip = optax.chain(zero_frozen, clip)
+        tx = optax.chain(clip, tx)
     return tx

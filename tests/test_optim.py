@@ -84,6 +84,30 @@ def test_global_norm_clipping_bounds_the_update():
     np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
+def test_clipping_in_a_linear_probe_ignores_the_frozen_backbone_gradients():
+    params = {"backbone": {"kernel": jnp.zeros((2, 2))}, "fc": {"kernel": jnp.zeros((2, 2))}}
+    labels = {"backbone": {"kernel": "backbone"}, "fc": {"kernel": "head"}}
+    config = sgd_config(weight_decay=0.0, grad_clip_norm=1.0)
+    tx = optim.create_optimizer(
+        config, optax.constant_schedule(1.0), param_labels=labels, lr_multipliers={"backbone": 0.0}
+    )
+    # Head gradient norm 0.4 (under the clip); a huge backbone gradient must not scale it down.
+    grads = {
+        "backbone": {"kernel": jnp.full((2, 2), 100.0)},
+        "fc": {"kernel": jnp.full((2, 2), 0.2)},
+    }
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["backbone"]["kernel"], 0.0)
+    np.testing.assert_allclose(updates["fc"]["kernel"], -0.2, rtol=1e-6)
+
+
+def test_step_decay_boundaries_must_increase_and_follow_warmup():
+    for epochs, warmup in [((3, 3), 0.0), ((6, 3), 0.0), ((1,), 2.0)]:
+        config = schedule_config(lr_schedule="step", lr_decay_epochs=epochs, warmup_epochs=warmup)
+        with pytest.raises(ValueError, match="strictly increasing"):
+            optim.create_learning_rate_schedule(config, steps_per_epoch=10)
+
+
 def schedule_config(**overrides):
     config = base_config()
     config.update({"learning_rate": 0.4, "num_epochs": 10.0, "num_train_steps": -1, **overrides})
