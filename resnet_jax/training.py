@@ -343,11 +343,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     # Resuming: the latest checkpoint's state and the data iterator's position; else fine-tuning from
     # config.init_from (only on a fresh start: a resumed fine-tune continues from its own checkpoint).
-    restored = checkpointer.restore_latest(_state_to_save(dp, state), train_iter)
-    if restored is not None:
-        state = restored if dp.parallelism == "shard_map" else dp.replicate(restored)
-    elif config.init_from:
-        state = _start_from_pretrained(config, dp, state, tx)
+    try:
+        restored = checkpointer.restore_latest(_state_to_save(dp, state), train_iter)
+        if restored is not None:
+            state = restored if dp.parallelism == "shard_map" else dp.replicate(restored)
+        elif config.init_from:
+            state = _start_from_pretrained(config, dp, state, tx)
+    except BaseException as e:
+        # Closing removes the checkpointer's SIGTERM handler and stops Orbax's threads; a process that
+        # goes on (a notebook, a test) must not keep them.
+        checkpointer.close()
+        if isinstance(e, ValueError) and not isinstance(e, ConfigError):
+            raise ConfigError(f"cannot resume from {workdir}: {e}") from e
+        raise
     start_step = int(dp.fetch(state.step))
 
     train_fn = dp.compile(

@@ -15,6 +15,8 @@ it; in eval it becomes a zero row with mask 0.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from typing import Any
 
 import grain
@@ -23,6 +25,18 @@ from absl import logging
 from PIL import Image
 
 from resnet_jax.data.sources import decode_image
+
+# What decoding a bad file raises (PIL: OSError incl. UnidentifiedImageError and truncated data, SyntaxError,
+# DecompressionBombError; zlib/struct errors from damaged PNG chunks). A bug in our own preprocessing (a
+# ValueError from a shape check, say) is not among them: it must stop the run, not silently drop every record.
+UNDECODABLE_IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    zlib.error,
+    struct.error,
+)
 
 AUGMENTATIONS = ("imagenet", "cifar", "none")
 RRC_SCALE = (0.08, 1.0)
@@ -163,7 +177,7 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
             if self.augment != "none" and rng.random() < 0.5:
                 image = image[:, ::-1]
             return self._output(element, image)
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        except UNDECODABLE_IMAGE_ERRORS as e:
             logging.warning("Skipping undecodable image %s: %s", element.get("path"), e)
             return None
 
@@ -194,7 +208,7 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
                 else:
                     image = whole_image(element["image"], size)
                 output = self._output(element, image)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            except UNDECODABLE_IMAGE_ERRORS as e:
                 logging.warning("Skipping undecodable image %s: %s", element.get("path"), e)
                 continue
             batch["image"][row] = output["image"]
