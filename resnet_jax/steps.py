@@ -83,9 +83,12 @@ def train_step(
     batch_stats = lax.pmean(batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
     if ema_params is not None:
         ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
+        ema_batch_stats = optax.incremental_update(
+            batch_stats, ema_batch_stats, step_size=1.0 - ema_decay
+        )
 
     top1, top5 = correct_predictions(logits, labels)
     metrics = lax.pmean(
@@ -99,6 +102,7 @@ def train_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
         ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats,
     )
     return new_state, metrics
 
@@ -119,8 +123,11 @@ def eval_step(
     """
     images, labels, mask = batch["image"], batch["label"], batch["mask"]
     chex.assert_rank(images, 4)
-    params = state.ema_params if use_ema else state.params
-    logits = apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=False)
+    if use_ema:
+        variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = apply_fn(variables, images, train=False)
     top1, top5 = correct_predictions(logits, labels)
     mask = mask.astype(jnp.float32)
     sums = {

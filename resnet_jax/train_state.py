@@ -20,14 +20,16 @@ PyTree = Any
 @flax.struct.dataclass
 class TrainState:
     """step: number of updates applied (int32 scalar); params, batch_stats: the model variables (float32);
-    opt_state: the optimizer's state (float32); ema_params: exponential moving average of params, or None
-    when `config.ema_decay == 0`."""
+    opt_state: the optimizer's state (float32); ema_params, ema_batch_stats: exponential moving averages of
+    params and of the BN running statistics (evaluated together, as timm's ModelEmaV2 does: the live
+    statistics belong to the live weights), or None when `config.ema_decay == 0`."""
 
     step: jax.Array
     params: PyTree
     batch_stats: PyTree
     opt_state: PyTree
     ema_params: PyTree | None = None
+    ema_batch_stats: PyTree | None = None
 
     @property
     def variables(self) -> dict[str, PyTree]:
@@ -46,10 +48,12 @@ def create_train_state(
 ) -> TrainState:
     """A TrainState at step 0 around `variables`; jit it (with out_shardings) to build it on devices."""
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if use_ema else None,
     )

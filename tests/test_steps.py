@@ -123,6 +123,17 @@ def test_train_step_updates_state_and_reports_the_learning_rate_and_ema():
         dp.unreplicate(state2.ema_params),
         expected_ema,
     )
+    # The BN running statistics are averaged the same way, so EMA weights are evaluated with statistics
+    # of their own, not the live model's.
+    b0, b1, b2 = (dp.unreplicate(s.batch_stats) for s in (state, state1, state2))
+    expected_ema_stats = jax.tree.map(
+        lambda a, b, c: 0.75 * (0.75 * a + 0.25 * b) + 0.25 * c, b0, b1, b2
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        dp.unreplicate(state2.ema_batch_stats),
+        expected_ema_stats,
+    )
 
 
 def test_bfloat16_compute_keeps_params_optimizer_state_and_bn_in_float32():
