@@ -234,16 +234,17 @@ def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.
     # The data package exposes no public accessor for its eval transform's arguments yet: these two
     # private calls are the trainer's own (pipeline.create_eval_batches builds the same object).
     spec = pipeline._spec(config)
-    preprocess = transforms.EvalPreprocess(**pipeline._preprocess_args(spec))
+    # EvalPreprocess maps a whole eval batch (a list of records) to padded, masked arrays: a batch of one.
+    preprocess = transforms.EvalPreprocess(**pipeline._preprocess_args(spec), batch_size=1)
 
     def load(path: str) -> np.ndarray:
         if not os.path.isfile(path):
             raise PredictError(f"no image file at {path}")
         with open(path, "rb") as f:
-            output = preprocess.map({"image": f.read(), "label": 0, "path": path})
-        if output is None:  # EvalPreprocess returns None for an undecodable image
+            batch = preprocess.map([{"image": f.read(), "label": 0, "path": path}])
+        if batch["mask"][0] == 0.0:  # the row of an undecodable image stays masked out
             raise PredictError(f"cannot read {path} as an image")
-        return output["image"]
+        return batch["image"][0]
 
     return load
 
