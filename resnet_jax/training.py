@@ -266,9 +266,14 @@ def evaluate(
     state: TrainState,
     dp: DataParallel,
     batches: Iterator[dict[str, np.ndarray]],
+    progress: reporting.ProgressBar | None = None,
 ) -> dict[str, float]:
     """Exact metrics over one pass of `batches` (each process's padded, masked share of the split)."""
-    sums = [eval_fn(state, dp.shard_batch(batch)) for batch in batches]
+    sums = []
+    for batch in batches:
+        sums.append(eval_fn(state, dp.shard_batch(batch)))
+        if progress is not None:
+            progress.update(1)
     fetched = dp.fetch(sums)
     # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
     totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
@@ -422,7 +427,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 process_count=jax.process_count(),
                 local_batch_size=local_eval_batch_size,
             )
-            metrics = evaluate(eval_fn, state, dp, batches)
+            eval_progress = reporting.ProgressBar(
+                data.num_eval_batches(
+                    info.num_eval_examples, jax.process_count(), local_eval_batch_size
+                ),
+                enabled=is_main,
+                desc=prefix,
+            )
+            try:
+                metrics = evaluate(eval_fn, state, dp, batches, eval_progress)
+            finally:
+                eval_progress.close()
             results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
         writer.write(step, results)
         writer.plot_curves()  # <workdir>/curves.png, redrawn at every eval
