@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
+import torchvision
 
 from resnet_jax import checkpoint, create_model
 from resnet_jax.convert import (
@@ -25,10 +28,6 @@ from resnet_jax.convert import (
     torchvision_to_flax,
 )
 from resnet_jax.models import IMAGENET_MODELS
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
@@ -471,7 +470,8 @@ def test_bfloat16_and_float16_torch_weights_convert_exactly_to_float32(resnet18_
 
 
 def test_timm_resnet_converts_with_timm_own_module():
-    timm = pytest.importorskip("timm")
+    import timm
+
     # Same keys and shapes as torchvision for every architecture resnet_jax defines (shapes only: meta device).
     for name in IMAGENET_MODELS:
         with torch.device("meta"):

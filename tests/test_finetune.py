@@ -241,8 +241,8 @@ def test_finetune_modes_train_exactly_what_they_say(mode, pretrained_10_class):
 
 def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
     """`python -m resnet_jax.convert to-torch <workdir> out.safetensors` gives torchvision the same logits."""
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
+    import torch
+    import torchvision
     from safetensors.torch import load_file
 
     from resnet_jax import convert

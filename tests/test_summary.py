@@ -6,8 +6,9 @@ from resnet_jax import summary
 
 
 def _torchvision_resnet50():
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
+    import torch
+    import torchvision
+
     # On the meta device: shapes only, no memory and no init cost.
     with torch.device("meta"):
         model = torchvision.models.resnet50()

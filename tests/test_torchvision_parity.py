@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torchvision
 from flax import linen as nn
 
 from resnet_jax import create_model
 from resnet_jax.convert import flax_to_torchvision, torchvision_to_flax
 from resnet_jax.models import IMAGENET_MODELS
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
 
 # Slow to build and run on CPU; still run in CI.
 LARGE = {"resnet152", "wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d"}
