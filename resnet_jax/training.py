@@ -262,22 +262,30 @@ def _start_from_pretrained(
 
 
 def evaluate(
-    eval_fn: Any,
+    eval_fns: dict[str, Any],
     state: TrainState,
     dp: DataParallel,
     batches: Iterator[dict[str, np.ndarray]],
     progress: reporting.ProgressBar | None = None,
 ) -> dict[str, float]:
-    """Exact metrics over one pass of `batches` (each process's padded, masked share of the split)."""
-    sums = []
+    """Exact metrics of every `eval_fns[prefix]` over one pass of `batches` (each process's padded,
+    masked share of the split), as `{f"{prefix}_{name}": value}`. The split is read and placed once,
+    however many functions (the model, its EMA) evaluate it."""
+    sums: dict[str, list] = {prefix: [] for prefix in eval_fns}
     for batch in batches:
-        sums.append(eval_fn(state, dp.shard_batch(batch)))
+        device_batch = dp.shard_batch(batch)
+        for prefix, eval_fn in eval_fns.items():
+            sums[prefix].append(eval_fn(state, device_batch))
         if progress is not None:
             progress.update(1)
-    fetched = dp.fetch(sums)
-    # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
-    totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
-    return steps.summarize_eval(totals)
+    results = {}
+    for prefix, fetched in dp.fetch(sums).items():
+        # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
+        totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
+        results.update(
+            {f"{prefix}_{name}": value for name, value in steps.summarize_eval(totals).items()}
+        )
+    return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -419,26 +427,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
 
     def run_eval(step: int) -> dict[str, float]:
-        results = {}
-        for prefix, eval_fn in eval_fns.items():
-            batches = data.create_eval_batches(
-                config,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                local_batch_size=local_eval_batch_size,
-            )
-            eval_progress = reporting.ProgressBar(
-                data.num_eval_batches(
-                    info.num_eval_examples, jax.process_count(), local_eval_batch_size
-                ),
-                enabled=is_main,
-                desc=prefix,
-            )
-            try:
-                metrics = evaluate(eval_fn, state, dp, batches, eval_progress)
-            finally:
-                eval_progress.close()
-            results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
+        batches = data.create_eval_batches(
+            config,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            local_batch_size=local_eval_batch_size,
+        )
+        eval_progress = reporting.ProgressBar(
+            data.num_eval_batches(
+                info.num_eval_examples, jax.process_count(), local_eval_batch_size
+            ),
+            enabled=is_main,
+            desc="eval",
+        )
+        try:
+            results = evaluate(eval_fns, state, dp, batches, eval_progress)
+        finally:
+            eval_progress.close()
         writer.write(step, results)
         writer.plot_curves()  # <workdir>/curves.png, redrawn at every eval
         if is_main:
