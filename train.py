@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import data, training
+from resnet_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/, e.g. configs/default.py.", lock_config=True
@@ -122,7 +123,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         KeyError,
         AttributeError,
     ):  # config_flags applying an override to a key the config lacks
-        known = set(training.base_config().keys())
+        known = set(config_lib.base_config().keys())
         overridden = {
             arg.split("=", 1)[0][len("--config.") :].split(".")[0]
             for arg in argv
@@ -175,7 +176,7 @@ def main(argv: list[str]) -> None:
     )
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (training.ConfigError, training.NonFiniteLossError, data.DataError) as e:
+    except (config_lib.ConfigError, training.NonFiniteLossError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -8,7 +8,7 @@ Batch 128, SGD momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k
 decay 1e-4, 4-pixel pad + random 32x32 crop + horizontal flip, per-channel normalization.
 """
 
-from resnet_jax.training import base_config
+from resnet_jax.config import base_config
 
 
 def get_config():

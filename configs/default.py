@@ -12,7 +12,7 @@ The digits are 8x8 grey scans. They are upsampled to 16x16 so that ResNet-20's t
 and 4x4 maps, and trained without augmentation: flips and crops change what a digit is.
 """
 
-from resnet_jax.training import base_config
+from resnet_jax.config import base_config
 
 
 def get_config():

@@ -24,7 +24,7 @@ a 10,000-image folder to take minutes on one GPU with `--config.dtype=bfloat16`,
 `--config.num_workers=8` (Grain worker processes) when JPEG decoding is the bottleneck.
 """
 
-from resnet_jax.training import base_config
+from resnet_jax.config import base_config
 
 
 def get_config():

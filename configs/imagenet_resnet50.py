@@ -10,7 +10,7 @@ measured in this repository). SGD with Nesterov momentum 0.9, peak lr 0.1 x batc
 epochs, cosine decay to 0, weight decay 1e-4 on kernels only (not BN or biases), label smoothing 0.1, bf16 compute.
 """
 
-from resnet_jax.training import base_config
+from resnet_jax.config import base_config
 
 
 def get_config():

@@ -29,11 +29,11 @@ import jax
 import numpy as np
 
 from resnet_jax.checkpoint import load_variables
+from resnet_jax.config import FINETUNE_MODES
 
 Variables = dict[str, Any]
 PyTree = Any
 
-FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
 HEAD = "head"
 BACKBONE = "backbone"
 DEFAULT_HEAD_NAMES = ("fc",)

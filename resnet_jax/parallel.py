@@ -23,8 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.config import PARALLELISMS
+
 DATA_AXIS = "data"
-PARALLELISMS = ("shard_map", "pmap")
 
 PyTree = Any
 

@@ -23,137 +23,16 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import finetune, optim, reporting, steps
+from resnet_jax.config import ConfigError, validate_config
 from resnet_jax.checkpoint import TrainingCheckpointer, preemption_message
 from resnet_jax.models import ResNet, create_model, list_models
-from resnet_jax.parallel import DATA_AXIS, PARALLELISMS, DataParallel
+from resnet_jax.parallel import DATA_AXIS, DataParallel
 from resnet_jax.summary import log_model_summary
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
 
 _log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Every config key, with its default. Recipes override values; they cannot add keys."""
-    config = ml_collections.ConfigDict()
-    # Model.
-    config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
-    config.zero_init_residual = False  # last BN scale of each block starts at 0 (Goyal et al. 2017)
-    config.dtype = (
-        "float32"  # compute dtype: "float32" or "bfloat16" (params, BN, loss stay float32)
-    )
-
-    # Data (resnet_jax.data).
-    config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
-    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = default
-    # None: the dataset's own splits (digits: train/test; folders: train/val or a held-out share;
-    # TFDS: train and validation, else test).
-    config.train_split = ml_collections.config_dict.placeholder(str)
-    config.eval_split = ml_collections.config_dict.placeholder(str)
-    config.image_size = 32  # model input height = width; images are resized to it
-    config.augment = (
-        "none"  # "imagenet" (random-resized crop + flip) | "cifar" (pad-crop + flip) | "none"
-    )
-    config.crop_padding = 4  # "cifar" augmentation: pixels of zero padding before the random crop
-    config.normalization = "dataset"  # "dataset" (its own mean/std) | "imagenet"
-    config.folder_val_fraction = (
-        0.1  # "folder:" datasets without a val/ folder: share held out for eval
-    )
-    config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
-    config.num_workers = 0  # Grain worker processes; 0 = in the main process
-    config.num_read_threads = 16  # Grain threads reading records
-    config.prefetch_buffer_size = 500  # records read ahead per process
-    config.worker_buffer_size = 2  # batches each Grain worker keeps ready
-
-    # Length and batch.
-    config.batch_size = 128  # global, over all devices and processes
-    config.eval_batch_size = 0  # global; 0 = batch_size
-    config.num_epochs = 10.0
-    config.num_train_steps = -1  # > 0 overrides num_epochs
-
-    # Optimizer (resnet_jax.optim).
-    config.optimizer = "sgd"  # "sgd" | "lars" | "adamw"
-    config.learning_rate = 0.1  # peak; configs write the linear scaling rule as code
-    config.momentum = 0.9
-    config.nesterov = False
-    config.weight_decay = 1e-4  # on kernels only, never BN parameters or biases
-    config.lars_trust_coefficient = 0.001
-    config.adam_b1 = 0.9
-    config.adam_b2 = 0.999
-    config.adam_eps = 1e-8
-    config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
-    config.label_smoothing = 0.0
-    config.ema_decay = 0.0  # > 0: keep an EMA of params and also evaluate it (eval_ema_*)
-
-    # Learning-rate schedule.
-    config.lr_schedule = "cosine"  # "cosine" | "step" | "constant", after linear warmup
-    config.warmup_epochs = 0.0
-    config.lr_decay_epochs = ()  # "step": boundaries in epochs ...
-    config.lr_decay_steps = ()  # ... or in steps (exactly one of the two)
-    config.lr_decay_factor = 0.1
-
-    # Devices.
-    config.parallelism = "shard_map"  # "shard_map" (jit over a global mesh) | "pmap"
-    config.bn_sync = True  # BN statistics over the global batch; False: per device (no all-reduce)
-
-    # Loop, logging, checkpoints.
-    config.seed = 0
-    config.log_every_steps = 50
-    config.eval_every_steps = 0  # 0 = once per epoch
-    config.checkpoint_every_steps = 0  # 0 = once per epoch
-    config.checkpoints_to_keep = 3  # the latest N checkpoints (a run resumes from the newest) ...
-    config.best_checkpoints_to_keep = 1  # ... plus the N with the best eval_accuracy
-
-    # Fine-tuning (resnet_jax.finetune): start from a checkpoint's backbone under a new classifier.
-    # init_from: a training workdir or a `python -m resnet_jax.convert` checkpoint; "" = from scratch.
-    config.init_from = ""
-    # "full" | "frozen_bn" (BN normalizes with running statistics) | "linear_probe" (only the head trains).
-    config.finetune_mode = "full"
-    config.backbone_lr_multiplier = 1.0  # every non-classifier parameter's lr / the head's lr
-    return config
-
-
-class ConfigError(ValueError):
-    """The config names an unknown key or a value the trainer cannot run."""
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming every unknown key, or a value the trainer cannot run."""
-    known = set(base_config().keys())
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {unknown}; the keys are those of resnet_jax.training.base_config(): "
-            f"{sorted(known)}"
-        )
-    missing = sorted(known - set(config.keys()))
-    if missing:
-        raise ConfigError(f"config lacks key(s) {missing}; start from training.base_config()")
-    if config.model not in list_models():
-        raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(list_models())}")
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
-    if config.parallelism not in PARALLELISMS:
-        raise ConfigError(f"parallelism must be one of {PARALLELISMS}, got {config.parallelism!r}")
-    if config.batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ConfigError("set num_epochs > 0 or num_train_steps > 0")
-    if config.log_every_steps <= 0:
-        raise ConfigError(f"log_every_steps must be positive, got {config.log_every_steps}")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.finetune_mode not in finetune.FINETUNE_MODES:
-        raise ConfigError(
-            f"finetune_mode must be one of {finetune.FINETUNE_MODES}, got {config.finetune_mode!r}"
-        )
-    if config.backbone_lr_multiplier < 0:
-        raise ConfigError(
-            f"backbone_lr_multiplier must be >= 0, got {config.backbone_lr_multiplier}"
-        )
-    if config.checkpoints_to_keep < 1:
-        raise ConfigError(f"checkpoints_to_keep must be >= 1, got {config.checkpoints_to_keep}")
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:

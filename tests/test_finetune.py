@@ -14,6 +14,7 @@ import pytest
 from flax import struct
 
 from resnet_jax import finetune, optim
+from resnet_jax import config as config_lib
 from resnet_jax.checkpoint import TrainingCheckpointer, save_variables
 from resnet_jax.finetune import CheckpointMismatchError, merge_pretrained
 from resnet_jax.models import create_model
@@ -279,7 +280,7 @@ def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
 def _tiny_training_config(**overrides) -> ml_collections.ConfigDict:
     from resnet_jax import training
 
-    config = training.base_config()
+    config = config_lib.base_config()
     defaults = dict(
         model="cifar_resnet20",
         dataset="digits",
@@ -322,7 +323,7 @@ def test_trainer_linear_probe_from_init_from_changes_only_the_head(tmp_path):
     )
 
     # A checkpoint of another architecture is a config error naming the paths, before any training.
-    with pytest.raises(training.ConfigError, match=r"does not fit the model \(resnet18\)"):
+    with pytest.raises(config_lib.ConfigError, match=r"does not fit the model \(resnet18\)"):
         training.train_and_evaluate(
             _tiny_training_config(model="resnet18", init_from=str(tmp_path / "pretrain")),
             str(tmp_path / "wrong"),

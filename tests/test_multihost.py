@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     from resnet_jax import optim, steps, train_state
     from resnet_jax.models import create_model
     from resnet_jax.parallel import DATA_AXIS, DataParallel
-    from resnet_jax.training import base_config
+    from resnet_jax.config import base_config
 
     assert jax.device_count() == 8 and jax.process_count() == num_processes
     config = base_config()

@@ -11,7 +11,7 @@ import pytest
 
 from resnet_jax import optim
 from resnet_jax.models import create_model
-from resnet_jax.training import base_config
+from resnet_jax.config import base_config
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
     from resnet_jax.data import create_eval_batches, dataset_info
     from resnet_jax.models import create_model
     from resnet_jax.parallel import DATA_AXIS, DataParallel
-    from resnet_jax.training import base_config
+    from resnet_jax.config import base_config
 
     NUM_STEPS, GLOBAL_BATCH = %(num_steps)d, %(global_batch)d
     assert jax.device_count() == 8, jax.devices()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint, training
+from resnet_jax import config as config_lib
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -83,6 +84,7 @@ def test_train_py_writes_flat_metrics_exact_eval_and_checkpoints(tmp_path):
 NON_FINITE_SCRIPT = """
 import sys
 import numpy as np
+from resnet_jax import config as config_lib
 from resnet_jax import training
 
 data = training._data()
@@ -117,7 +119,7 @@ class PoisonedData:
 
 
 training._data = lambda: PoisonedData
-config = training.base_config()
+config = config_lib.base_config()
 config.update(dict(%(config)s, num_train_steps=8, log_every_steps=100, eval_every_steps=100))
 try:
     training.train_and_evaluate(config, sys.argv[1])
@@ -145,10 +147,10 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_unknown_config_key_is_an_error():
-    config = training.base_config()
+    config = config_lib.base_config()
     config.learning_rat = 0.1
-    with pytest.raises(training.ConfigError, match="learning_rat"):
-        training.validate_config(config)
+    with pytest.raises(config_lib.ConfigError, match="learning_rat"):
+        config_lib.validate_config(config)
 
 
 def test_cli_rejects_an_unknown_config_flag(tmp_path):

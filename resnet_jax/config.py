@@ -1,0 +1,213 @@
+"""The config schema: every key the trainer reads, its default and meaning, and the one validation.
+
+Recipes in `configs/` start from `base_config()` and override values; they cannot add keys (a typo in a
+config file or a `--config.key=value` flag must not be silently ignored). This module is cheap to import:
+configs load it without pulling in the trainer, Orbax, Grain or TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+# The choices of each enumerated key; the modules that act on them import these names.
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+LR_SCHEDULES = ("cosine", "step", "constant")
+AUGMENTS = ("imagenet", "cifar", "none")
+NORMALIZATIONS = ("dataset", "imagenet")
+PARALLELISMS = ("shard_map", "pmap")
+FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every config key, with its default. Recipes override values; they cannot add keys."""
+    config = ml_collections.ConfigDict()
+    placeholder = ml_collections.config_dict.placeholder
+    # Model.
+    config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
+    config.zero_init_residual = False  # last BN scale of each block starts at 0 (Goyal et al. 2017)
+    config.dtype = "float32"  # compute dtype (params, BN statistics and the loss stay float32)
+
+    # Data (resnet_jax.data).
+    config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
+    config.data_dir = placeholder(str)  # TFDS data_dir; None = TFDS's default
+    # None: the dataset's own splits (digits: train/test; folders: train/val or a held-out share;
+    # TFDS: train and validation, else test).
+    config.train_split = placeholder(str)
+    config.eval_split = placeholder(str)
+    config.image_size = 32  # model input height = width; images are resized to it
+    # "imagenet" (random-resized crop + flip) | "cifar" (pad-crop + flip) | "none";
+    # None: "none" for digits, "cifar" for datasets of images up to 64 px, else "imagenet".
+    config.augment = placeholder(str)
+    config.crop_padding = 4  # "cifar" augmentation: pixels of zero padding before the random crop
+    config.normalization = "dataset"  # "dataset" (its own mean/std) | "imagenet" (torchvision's)
+    config.folder_val_fraction = 0.1  # "folder:" datasets without a val/ folder: share held out
+    config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
+    config.num_workers = 0  # Grain worker processes; 0 = in the main process
+    config.num_read_threads = 16  # Grain threads reading records
+    config.prefetch_buffer_size = 500  # records read ahead per process
+    config.worker_buffer_size = 2  # batches each Grain worker keeps ready
+
+    # Length and batch.
+    config.batch_size = 128  # global, over all devices and processes
+    config.eval_batch_size = 0  # global; 0 = batch_size
+    config.num_epochs = 10.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+
+    # Optimizer (resnet_jax.optim).
+    config.optimizer = "sgd"  # one of OPTIMIZERS
+    config.learning_rate = 0.1  # peak; configs write the linear scaling rule as code
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4  # on kernels only, never BN parameters or biases
+    config.lars_trust_coefficient = 0.001
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+    config.label_smoothing = 0.0
+    config.ema_decay = 0.0  # > 0: keep an EMA of params and BN statistics, also evaluated (eval_ema_*)
+
+    # Learning-rate schedule.
+    config.lr_schedule = "cosine"  # one of LR_SCHEDULES, after linear warmup
+    config.warmup_epochs = 0.0
+    config.lr_decay_epochs = ()  # "step": boundaries in epochs ...
+    config.lr_decay_steps = ()  # ... or in steps (exactly one of the two)
+    config.lr_decay_factor = 0.1
+
+    # Devices.
+    config.parallelism = "shard_map"  # "shard_map" (jit over a global mesh) | "pmap"
+    config.bn_sync = True  # BN statistics over the global batch; False: per device (no all-reduce)
+
+    # Loop, logging, checkpoints.
+    config.seed = 0
+    config.log_every_steps = 50
+    config.eval_every_steps = 0  # 0 = once per epoch
+    config.checkpoint_every_steps = 0  # 0 = once per epoch
+    config.checkpoints_to_keep = 3  # the latest N checkpoints (a run resumes from the newest) ...
+    config.best_checkpoints_to_keep = 1  # ... plus the N with the best eval_accuracy
+
+    # Fine-tuning (resnet_jax.finetune): start from a checkpoint's backbone under a new classifier.
+    # init_from: a training workdir or a `python -m resnet_jax.convert` checkpoint; "" = from scratch.
+    config.init_from = ""
+    # "full" | "frozen_bn" (BN normalizes with running statistics) | "linear_probe" (only the head trains).
+    config.finetune_mode = "full"
+    config.backbone_lr_multiplier = 1.0  # every non-classifier parameter's lr / the head's lr
+    return config
+
+
+class ConfigError(ValueError):
+    """The config names an unknown key or a value the trainer cannot run."""
+
+
+def to_json(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists; anything exotic becomes its repr).
+
+    What `config.json`, the checkpoints and TensorBoard's hparams record, so all three agree.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=repr))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key -> (test, what the value must be). One table, so every rule is visible at once and each error
+# names the key, the value and what is allowed.
+def _choice(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f"one of {list(choices)}"
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_number(v) and v >= low), f"a number >= {low:g}"
+
+
+def _positive_int() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0), "an integer > 0"
+
+
+def _fraction(upper_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if upper_open:
+        return (lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"
+    return (lambda v: _is_number(v) and 0 <= v <= 1), "a number in [0, 1]"
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dtype": _choice(DTYPES),
+    "optimizer": _choice(OPTIMIZERS),
+    "lr_schedule": _choice(LR_SCHEDULES),
+    "normalization": _choice(NORMALIZATIONS),
+    "parallelism": _choice(PARALLELISMS),
+    "finetune_mode": _choice(FINETUNE_MODES),
+    "image_size": _positive_int(),
+    "batch_size": _positive_int(),
+    "log_every_steps": _positive_int(),
+    "checkpoints_to_keep": _positive_int(),
+    "crop_padding": _at_least(0),
+    "eval_batch_size": _at_least(0),
+    "num_workers": _at_least(0),
+    "num_read_threads": _positive_int(),
+    "prefetch_buffer_size": _positive_int(),
+    "worker_buffer_size": _positive_int(),
+    "num_epochs": _at_least(0),
+    "eval_every_steps": _at_least(0),
+    "checkpoint_every_steps": _at_least(0),
+    "best_checkpoints_to_keep": _at_least(0),
+    "learning_rate": ((lambda v: _is_number(v) and v > 0), "a number > 0"),
+    "momentum": _fraction(upper_open=True),
+    "weight_decay": _at_least(0),
+    "lars_trust_coefficient": ((lambda v: _is_number(v) and v > 0), "a number > 0"),
+    "adam_b1": _fraction(upper_open=True),
+    "adam_b2": _fraction(upper_open=True),
+    "adam_eps": ((lambda v: _is_number(v) and v > 0), "a number > 0"),
+    "grad_clip_norm": _at_least(0),
+    "label_smoothing": _fraction(upper_open=True),
+    "ema_decay": _fraction(upper_open=True),
+    "warmup_epochs": _at_least(0),
+    "lr_decay_factor": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "folder_val_fraction": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
+    "max_bad_image_fraction": _fraction(),
+    "backbone_lr_multiplier": _at_least(0),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first unknown key or value the trainer cannot run, and what is allowed."""
+    # Imported here so that importing this module (every config file does) stays light.
+    from resnet_jax.models import list_models
+
+    known = set(base_config().keys())
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown}; the keys are those of resnet_jax.config.base_config()"
+        )
+    missing = sorted(known - set(config.keys()))
+    if missing:
+        raise ConfigError(f"config lacks key(s) {missing}; start from resnet_jax.config.base_config()")
+    if config.model not in list_models():
+        raise ConfigError(
+            f"config.model={config.model!r} is not a model; choose one of {', '.join(list_models())}"
+        )
+    for key, (valid, allowed) in _RULES.items():
+        if not valid(config[key]):
+            raise ConfigError(f"config.{key}={config[key]!r} is invalid; it must be {allowed}")
+    if config.augment is not None and config.augment not in AUGMENTS:
+        raise ConfigError(
+            f"config.augment={config.augment!r} is invalid; it must be one of {list(AUGMENTS)} "
+            "or None (the dataset's default)"
+        )
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise ConfigError("set config.num_epochs > 0 or config.num_train_steps > 0")
+    if config.finetune_mode != "full" and not config.init_from:
+        raise ConfigError(
+            f"config.finetune_mode={config.finetune_mode!r} needs config.init_from (a checkpoint to "
+            "fine-tune); set it, or use finetune_mode='full' to train from scratch"
+        )
