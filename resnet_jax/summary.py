@@ -9,7 +9,10 @@ shapes of every convolution and matmul in the traced eval forward pass (`jax.mak
 the stem, each stage and the classifier through the module names JAX records in the trace.
 
 Convention: one MAC (multiply-accumulate) is one multiplication and one addition of a conv or dense layer,
-taps that fall in the zero padding included; FLOPs = 2 x MACs. This is the convention of the figures
+taps that fall in the zero padding included; FLOPs = 2 x MACs. The count is the architecture's, not the
+backend's: the model is always traced with flax's `nn.Conv` (`lax.conv_general_dilated`), because the conv
+the CPU backend runs by default (`resnet_jax.conv.CpuConv`) skips taps that read only padding on small
+maps and would make the same model "smaller" on CPU than on GPU. This is the convention of the figures
 usually quoted for ResNets (torchvision's "GFLOPS" for resnet50, 4.09, are these MACs). BatchNorm, ReLU,
 pooling and residual additions are left out. `--xla_cost_analysis`
 also compiles the forward pass and prints XLA's own FLOP count, which includes those element-wise ops
@@ -28,6 +31,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
 
 from resnet_jax.models import CIFAR_MODELS, create_model, list_models
 
@@ -136,10 +141,13 @@ def summarize(
     """Counts parameters and MACs and lists output shapes of `create_model(model_name, ...)`.
 
     `image_size` and `num_classes` default to 32 and 10 for the CIFAR ResNets, 224 and 1000 otherwise;
-    `model_options` go to `create_model` (e.g. `in_channels=1`).
+    `model_options` go to `create_model` (e.g. `in_channels=1`), except `conv`: every conv implementation
+    has the same parameters and computes the same sums, and the MACs are counted with `nn.Conv` so that
+    they do not depend on the backend (module docstring).
     """
     image_size = default_image_size(model_name) if image_size is None else image_size
     num_classes = default_num_classes(model_name) if num_classes is None else num_classes
+    model_options = {**model_options, "conv": nn.Conv}
     model = create_model(model_name, num_classes=num_classes, **model_options)
     image = jax.ShapeDtypeStruct((1, image_size, image_size, model.in_channels), jnp.float32)
     variables = jax.eval_shape(
@@ -150,8 +158,8 @@ def summarize(
         return model.apply(variables, x, train=False)
 
     params_by_part: dict[str, int] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-        part = _part("/".join(str(getattr(k, "key", k)) for k in path))
+    for path, leaf in traverse_util.flatten_dict(variables["params"], sep="/").items():
+        part = _part(path)
         params_by_part[part] = params_by_part.get(part, 0) + math.prod(leaf.shape)
     num_batch_stats = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["batch_stats"]))
 

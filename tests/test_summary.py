@@ -1,14 +1,15 @@
 """`python -m resnet_jax.summary`: parameter counts equal torchvision's; MACs follow the quoted convention."""
 
 import pytest
+import torch
+import torchvision
+from flax import linen as nn
 
 from resnet_jax import summary
+from resnet_jax.conv import CpuConv
 
 
 def _torchvision_resnet50():
-    import torch
-    import torchvision
-
     # On the meta device: shapes only, no memory and no init cost.
     with torch.device("meta"):
         model = torchvision.models.resnet50()
@@ -42,6 +43,33 @@ def test_resnet50_macs_match_torchvision_quoted_gflops_and_stage_shapes():
     assert s.output_shapes["logits"] == (1000,)
     assert s.params_by_part["fc"] == 2048 * 1000 + 1000
     assert sum(s.params_by_part.values()) == s.num_params == 25_557_032
+
+
+# resnet18 at 32 px, 1000 classes, by hand (outputs x taps x input channels per conv): stem 7x7/2 to 16x16x64;
+# stage1 four 3x3 64->64 convs on 8x8; stages 2-4 each 3x3/2 + three 3x3 + a 1x1/2 downsample, on 4x4, 2x2, 1x1;
+# fc 512x1000. Channels double as maps shrink 4x, so stages 2-4 cost the same as stage2.
+STAGE2_32PX_MACS = 4 * 4 * 128 * 9 * (64 + 3 * 128) + 4 * 4 * 128 * 64
+RESNET18_32PX_MACS = (
+    16 * 16 * 64 * 7 * 7 * 3 + 4 * 8 * 8 * 64 * 9 * 64 + 3 * STAGE2_32PX_MACS + 512 * 1000
+)
+
+
+@pytest.mark.parametrize("image_size", [16, 32, 224])
+def test_resnet18_macs_do_not_depend_on_the_conv_implementation(image_size):
+    # CpuConv (the CPU default) skips the taps of a 3x3 conv that read only padding: on a 1x1 map all but the
+    # centre one. 16 px puts stages 3-4 on 1x1 maps, 32 px stage4; at 224 px no tap is skipped. The MACs must
+    # be the architecture's, whichever conv would run. (Before the fix, 32 px gave 30.58 M instead of 37.52 M.)
+    default = summary.summarize("resnet18", image_size=image_size)
+    with_cpu_conv = summary.summarize("resnet18", image_size=image_size, conv=CpuConv)
+    with_flax_conv = summary.summarize("resnet18", image_size=image_size, conv=nn.Conv)
+
+    assert default.macs_by_part == with_cpu_conv.macs_by_part == with_flax_conv.macs_by_part
+    if image_size == 32:
+        assert default.macs == RESNET18_32PX_MACS == 37_523_456
+    if image_size == 224:
+        # torchvision's "_ops" (1.814 for resnet18): billions of conv+linear MACs, rounded to 3 decimals.
+        weights_meta = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta
+        assert default.macs / 1e9 == pytest.approx(weights_meta["_ops"], abs=5e-4)
 
 
 def test_cifar_resnet20_macs_by_part_hand_computed():
