@@ -71,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.adam_eps = 1e-8
     config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     config.label_smoothing = 0.0
-    config.ema_decay = 0.0  # > 0: keep an EMA of params and BN statistics, also evaluated (eval_ema_*)
+    config.ema_decay = (
+        0.0  # > 0: keep an EMA of params and BN statistics, also evaluated (eval_ema_*)
+    )
 
     # Learning-rate schedule.
     config.lr_schedule = "cosine"  # one of LR_SCHEDULES, after linear warmup
@@ -191,7 +193,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     missing = sorted(known - set(config.keys()))
     if missing:
-        raise ConfigError(f"config lacks key(s) {missing}; start from resnet_jax.config.base_config()")
+        raise ConfigError(
+            f"config lacks key(s) {missing}; start from resnet_jax.config.base_config()"
+        )
     if config.model not in list_models():
         raise ConfigError(
             f"config.model={config.model!r} is not a model; choose one of {', '.join(list_models())}"

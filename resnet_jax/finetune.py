@@ -27,9 +27,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from resnet_jax.checkpoint import load_variables
 from resnet_jax.config import FINETUNE_MODES
+from resnet_jax.tree_diff import diff_variables
 
 Variables = dict[str, Any]
 PyTree = Any
@@ -41,23 +43,6 @@ DEFAULT_HEAD_NAMES = ("fc",)
 
 class CheckpointMismatchError(ValueError):
     """The pretrained variables do not fit the model beyond its head; the message lists every difference."""
-
-
-def _flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-    flat: dict[tuple[str, ...], Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat[tuple(str(getattr(key, "key", key)) for key in path)] = leaf
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
 
 
 def _architecture_summary(params: Mapping[str, Any]) -> str:
@@ -100,73 +85,49 @@ def merge_pretrained(
         checkpoint has and the model lacks, and every shape that differs (outside `head_names`).
     """
     heads = set(head_names)
-    missing: list[str] = []
-    unexpected: list[str] = []
-    misshaped: list[str] = []
-    chosen: dict[str, dict[tuple[str, ...], tuple[Any, Any]]] = {}
-    for collection in ("params", "batch_stats"):
-        init_flat = _flatten(init_variables.get(collection) or {})
-        pretrained_flat = _flatten(pretrained_variables.get(collection) or {})
-        # path -> (value, dtype): the value is only read once every path has been checked, so a mismatch
-        # between abstract (ShapeDtypeStruct) trees is reported without touching any array.
-        out: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        for path, init_leaf in init_flat.items():
-            name = "/".join((collection, *path))
-            if path[0] in heads:
-                out[path] = (init_leaf, None)
-            elif path not in pretrained_flat:
-                missing.append(f"{name} {tuple(init_leaf.shape)}")
-            elif tuple(pretrained_flat[path].shape) != tuple(init_leaf.shape):
-                misshaped.append(
-                    f"{name}: checkpoint {tuple(pretrained_flat[path].shape)}, "
-                    f"model {tuple(init_leaf.shape)}"
-                )
-            else:
-                out[path] = (pretrained_flat[path], init_leaf.dtype)
-        unexpected += [
-            f"{'/'.join((collection, *path))} {tuple(leaf.shape)}"
-            for path, leaf in pretrained_flat.items()
-            if path not in init_flat and path[0] not in heads
-        ]
-        chosen[collection] = out
 
-    if missing or unexpected or misshaped:
-        lines = [
-            f"the checkpoint{f' ({pretrained_name})' if pretrained_name else ''} does not fit the model"
-            f"{f' ({model_name})' if model_name else ''} beyond its head {sorted(heads)}: "
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"
-        ]
-        for title, entries in (
-            ("missing from the checkpoint", missing),
-            ("unexpected (in the checkpoint, not in the model)", unexpected),
-            ("mis-shaped", misshaped),
-        ):
-            if entries:
-                lines.append(f"{title}:")
-                lines += [f"  {entry}" for entry in entries]
+    def in_head(path: str) -> bool:  # "params/fc/kernel" -> is "fc" a head module?
+        return path.split("/")[1] in heads
+
+    mismatch = diff_variables(init_variables, pretrained_variables, ignore=in_head)
+    if mismatch:
         model_arch = _architecture_summary(init_variables.get("params") or {})
         checkpoint_arch = _architecture_summary(pretrained_variables.get("params") or {})
+        hint = ""
         if model_arch != checkpoint_arch:
-            lines.append(
-                f"hint: this looks like a different architecture: the checkpoint has {checkpoint_arch}, "
+            hint = (
+                f"this looks like a different architecture: the checkpoint has {checkpoint_arch}, "
                 f"the model {model_arch}; set config.model to the checkpoint's model"
                 f"{f' ({pretrained_name!r})' if pretrained_name else ''}"
             )
-        elif misshaped and not (missing or unexpected):
-            lines.append(
-                "hint: same layout, different widths: check the model variant (e.g. wide_/resnext) "
+        elif mismatch.misshaped and not (mismatch.missing or mismatch.unexpected):
+            hint = (
+                "same layout, different widths: check the model variant (e.g. wide_/resnext) "
                 "and in_channels"
             )
-        raise CheckpointMismatchError("\n".join(lines))
-    return {
-        collection: _unflatten(
+        raise CheckpointMismatchError(
+            mismatch.format(
+                f"the checkpoint{f' ({pretrained_name})' if pretrained_name else ''} does not fit "
+                f"the model{f' ({model_name})' if model_name else ''} beyond its head {sorted(heads)}",
+                hint,
+                missing_title="missing from the checkpoint",
+                unexpected_title="unexpected (in the checkpoint, not in the model)",
+            )
+        )
+
+    # Checked before any value is read, so abstract (ShapeDtypeStruct) init trees are fine: only their
+    # dtypes are used where the pretrained value is taken.
+    merged: Variables = {}
+    for collection in ("params", "batch_stats"):
+        fresh = traverse_util.flatten_dict(dict(init_variables.get(collection) or {}))
+        pretrained = traverse_util.flatten_dict(dict(pretrained_variables.get(collection) or {}))
+        merged[collection] = traverse_util.unflatten_dict(
             {
-                path: value if dtype is None else np.asarray(value, dtype=dtype)
-                for path, (value, dtype) in flat.items()
+                path: leaf if path[0] in heads else np.asarray(pretrained[path], dtype=leaf.dtype)
+                for path, leaf in fresh.items()
             }
         )
-        for collection, flat in chosen.items()
-    }
+    return merged
 
 
 def load_pretrained(
@@ -217,3 +178,13 @@ def model_options(mode: str) -> dict[str, Any]:
     """`create_model` options for the mode: BatchNorm normalizes with its running statistics unless "full"."""
     _check_mode(mode)
     return {"bn_frozen": mode != "full"}
+
+
+def trainable_mask(param_labels: PyTree, multipliers: Mapping[str, float]) -> PyTree | None:
+    """A tree like the params: True where the parameter trains (its group's multiplier is not 0).
+
+    None when every parameter trains. The train step differentiates only the True leaves, so a linear
+    probe computes (and all-reduces) the head's gradient alone instead of the whole backbone's.
+    """
+    mask = jax.tree.map(lambda label: multipliers.get(label, 1.0) != 0.0, param_labels)
+    return None if all(jax.tree.leaves(mask)) else mask

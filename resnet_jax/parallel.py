@@ -155,7 +155,3 @@ class DataParallel:
             check_vma=False,
         )
         return jax.jit(mapped, donate_argnums=donate)
-
-    def fetch(self, tree: PyTree) -> PyTree:
-        """Replicated device outputs (metrics) -> numpy on the host; this waits for the devices."""
-        return self.unreplicate(tree)

@@ -19,6 +19,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax import lax
 
 from resnet_jax.train_state import TrainState
@@ -44,6 +45,16 @@ def correct_predictions(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return top1, top5
 
 
+def _partition(params: PyTree, trainable_mask: PyTree | None) -> tuple[dict, dict]:
+    """`params` as two flat `{path: array}` dicts: (trainable, frozen) by `trainable_mask` (None: all train)."""
+    flat = traverse_util.flatten_dict(params)
+    if trainable_mask is None:
+        return flat, {}
+    mask = traverse_util.flatten_dict(trainable_mask)
+    trainable = {path: value for path, value in flat.items() if mask[path]}
+    return trainable, {path: value for path, value in flat.items() if not mask[path]}
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -53,6 +64,7 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     label_smoothing: float,
     ema_decay: float,
+    trainable_mask: PyTree | None = None,
     axis_name: str = "data",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update from this device's `batch` ({'image': (B, H, W, C) float, 'label': (B,) int}).
@@ -61,14 +73,22 @@ def train_step(
     normalizes with its own batch statistics. Either way the new running statistics are averaged over devices
     (a no-op up to rounding when synced) so that the state stays replicated.
 
+    `trainable_mask` (a tree like the params, True where a parameter trains; None: all train) limits the
+    gradient to the trainable parameters: a linear probe differentiates and all-reduces the head alone. The
+    frozen parameters get zero updates (the optimizer must leave them unchanged, e.g. `optax.set_to_zero`).
+
     Returns the new state and device-averaged metrics: loss, accuracy, top5_accuracy (of this batch, before
-    the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged grads).
+    the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged
+    gradients of the trainable parameters).
     """
     images, labels = batch["image"], batch["label"]
     chex.assert_rank(images, 4)
     chex.assert_shape(labels, (images.shape[0],))
 
-    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+    trainable, frozen = _partition(state.params, trainable_mask)
+
+    def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+        params = traverse_util.unflatten_dict({**frozen, **trainable})
         logits, updates = apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -78,9 +98,13 @@ def train_step(
         loss = jnp.mean(cross_entropy_loss(logits, labels, label_smoothing))
         return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, axis_name)
+    (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable
+    )
+    trainable_grads = lax.pmean(trainable_grads, axis_name)
     batch_stats = lax.pmean(batch_stats, axis_name)
+    frozen_grads = {path: jnp.zeros_like(value) for path, value in frozen.items()}
+    grads = traverse_util.unflatten_dict({**frozen_grads, **trainable_grads})
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
@@ -95,7 +119,7 @@ def train_step(
         {"loss": loss, "accuracy": jnp.mean(top1), "top5_accuracy": jnp.mean(top5)}, axis_name
     )
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(trainable_grads)
     new_state = state.replace(
         step=state.step + 1,
         params=params,

@@ -97,8 +97,8 @@ def test_train_step_updates_state_and_reports_the_learning_rate_and_ema():
     model, dp, state, step, batch, schedule = tiny_setup(ema_decay=0.75)
     state1, metrics1 = step(state, batch)
     state2, metrics2 = step(state1, batch)
-    host = dp.fetch([metrics1, metrics2])
-    assert int(dp.fetch(state2.step)) == 2
+    host = dp.unreplicate([metrics1, metrics2])
+    assert int(dp.unreplicate(state2.step)) == 2
     np.testing.assert_allclose(host[0]["learning_rate"], schedule(0), atol=0)
     np.testing.assert_allclose(
         host[1]["learning_rate"], schedule(1), rtol=1e-6
@@ -144,7 +144,7 @@ def test_bfloat16_compute_keeps_params_optimizer_state_and_bn_in_float32():
         assert {leaf.dtype for leaf in jax.tree.leaves(tree) if leaf.ndim > 0} == {
             np.dtype(np.float32)
         }
-    loss = dp.fetch(metrics)["loss"]
+    loss = dp.unreplicate(metrics)["loss"]
     assert loss.dtype == np.float32 and np.isfinite(loss)
     # The convolutions (lax convs, or the matmuls CpuConv computes them with on CPU) and the classifier
     # really run in bfloat16. Convs sit in nested jaxprs; each printed equation starts with its typed
@@ -171,7 +171,7 @@ def test_eval_step_ignores_padding_rows():
     # Padding rows hold garbage: they must change nothing.
     padded = dict(image=images.copy(), label=labels.copy(), mask=mask)
     padded["image"][5:] = 1e3
-    sums = dp.fetch(evaluate(state, dp.shard_batch(padded)))
+    sums = dp.unreplicate(evaluate(state, dp.shard_batch(padded)))
     logits = np.asarray(model.apply(dp.unreplicate(state).variables, images[:5], train=False))
     assert sums["count"] == 5
     assert sums["correct"] == np.sum(np.argmax(logits, -1) == labels[:5])

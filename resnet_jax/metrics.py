@@ -1,0 +1,102 @@
+"""From device metrics to host numbers: the training-metrics buffer and exact evaluation over a split.
+
+Both keep the devices busy: per-step metrics stay on the devices until a log or checkpoint step needs
+them, and an eval split's per-batch sums are fetched once, after the last batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from resnet_jax import steps
+from resnet_jax.parallel import DataParallel
+from resnet_jax.train_state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient; nothing from that step on was saved."""
+
+
+class TrainMetrics:
+    """Per-step metrics kept on the devices until they are needed, then checked and averaged on the host.
+
+    Fetching every step would make the host wait for the devices each step; fetching only at log and
+    checkpoint steps keeps the devices busy. Every step's loss and gradient norm are still checked, so a
+    non-finite value is reported with the exact step that produced it.
+    """
+
+    def __init__(self, data_parallel: DataParallel):
+        self._data_parallel = data_parallel
+        self._on_device: list[tuple[int, dict[str, jax.Array]]] = []
+        self._on_host: list[tuple[int, dict[str, float]]] = []
+
+    def append(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._on_device.append((step, metrics))
+
+    def check_finite(self) -> None:
+        """Fetches pending metrics; raises NonFiniteLossError at the first step with NaN/Inf."""
+        if not self._on_device:
+            return
+        fetched = self._data_parallel.unreplicate([m for _, m in self._on_device])
+        for (step, _), metrics in zip(self._on_device, fetched, strict=True):
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"non-finite training loss or gradient at step {step} (loss "
+                    f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}); stopping. "
+                    "Lower learning_rate, add warmup_epochs or grad_clip_norm. No checkpoint was written "
+                    f"from step {step} on."
+                )
+            self._on_host.append((step, {k: float(v) for k, v in metrics.items()}))
+        self._on_device = []
+
+    def summary(self) -> dict[str, float]:
+        """Means over the steps since the last summary (learning_rate: the latest), as train_* metrics."""
+        self.check_finite()
+        if not self._on_host:
+            return {}
+        names = self._on_host[0][1].keys()
+        summary = {
+            f"train_{name}": float(np.mean([m[name] for _, m in self._on_host]))
+            for name in names
+            if name != "learning_rate"
+        }
+        summary["learning_rate"] = self._on_host[-1][1]["learning_rate"]
+        self._on_host = []
+        return summary
+
+
+EvalFn = Callable[[TrainState, Any], Mapping[str, jax.Array]]
+
+
+def evaluate(
+    eval_fns: Mapping[str, EvalFn],
+    state: TrainState,
+    data_parallel: DataParallel,
+    batches: Iterable[dict[str, np.ndarray]],
+    on_batch: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Exact metrics of every `eval_fns[prefix]` over one pass of `batches` (each process's padded,
+    masked share of the split), as `{f"{prefix}_{name}": value}`.
+
+    The split is read and placed on the devices once, however many functions (the model, its EMA)
+    evaluate it; `on_batch` is called after each batch (a progress bar).
+    """
+    sums: dict[str, list] = {prefix: [] for prefix in eval_fns}
+    for batch in batches:
+        device_batch = data_parallel.shard_batch(batch)
+        for prefix, eval_fn in eval_fns.items():
+            sums[prefix].append(eval_fn(state, device_batch))
+        on_batch()
+    results = {}
+    for prefix, fetched in data_parallel.unreplicate(sums).items():
+        # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
+        totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
+        results.update(
+            {f"{prefix}_{name}": value for name, value in steps.summarize_eval(totals).items()}
+        )
+    return results

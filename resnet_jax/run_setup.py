@@ -1,0 +1,182 @@
+"""What a run starts from: its sizes, its model, its optimizer and its first state.
+
+`training.train_and_evaluate` calls these in order; each is a function of the config (and what the
+previous ones returned), so a notebook can build the same pieces without running the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax import data, finetune, optim
+from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
+from resnet_jax.config import ConfigError
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.parallel import DATA_AXIS, DataParallel
+from resnet_jax.train_state import TrainState, create_train_state, init_variables
+
+_log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+    """The model the step applies: synced BN means BatchNorm reduces over the `data` axis."""
+    return create_model(
+        config.model,
+        num_classes=num_classes,
+        dtype=DTYPES[config.dtype],
+        zero_init_residual=config.zero_init_residual,
+        bn_axis_name=DATA_AXIS if config.bn_sync else None,
+        **finetune.model_options(config.finetune_mode),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The sizes of a run, derived once from the config, the dataset and the devices."""
+
+    info: data.DatasetInfo
+    local_batch_size: int  # this process's rows of each global train batch
+    local_eval_batch_size: int
+    steps_per_epoch: int
+    num_steps: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def plan_run(config: ml_collections.ConfigDict, data_parallel: DataParallel) -> RunPlan:
+    """Reads the dataset's sizes and checks that the batch sizes fit the devices and the data."""
+    info = data.dataset_info(config)
+    try:
+        local_batch_size = data_parallel.check_batch_size(config.batch_size)
+        local_eval_batch_size = data_parallel.check_batch_size(
+            config.eval_batch_size or config.batch_size
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    steps_per_epoch = info.num_train_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the {info.num_train_examples} training "
+            "examples; lower it"
+        )
+    return RunPlan(
+        info=info,
+        local_batch_size=local_batch_size,
+        local_eval_batch_size=local_eval_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_steps=optim.total_train_steps(config, steps_per_epoch),
+        eval_every=config.eval_every_steps or steps_per_epoch,
+        checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+    """What the train step needs to update parameters: the schedule, the optimizer and what trains."""
+
+    learning_rate_fn: optax.Schedule
+    tx: optax.GradientTransformation
+    trainable_mask: Any  # None: every parameter trains (see finetune.trainable_mask)
+
+
+def create_optimization(
+    config: ml_collections.ConfigDict, model: ResNet, plan: RunPlan
+) -> Optimization:
+    """The learning-rate schedule and optimizer of `config`, with fine-tuning's parameter groups."""
+    try:
+        learning_rate_fn = optim.create_learning_rate_schedule(config, plan.steps_per_epoch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.finetune_mode == "full" and config.backbone_lr_multiplier == 1.0:
+        return Optimization(
+            learning_rate_fn, optim.create_optimizer(config, learning_rate_fn), None
+        )
+    # Head vs backbone groups, from the params' structure (eval_shape: no compute).
+    abstract = jax.eval_shape(
+        lambda: init_variables(model, jax.random.key(config.seed), plan.info.image_size)
+    )
+    labels = finetune.param_groups(abstract["params"])
+    multipliers = finetune.lr_multipliers(config.finetune_mode, config.backbone_lr_multiplier)
+    tx = optim.create_optimizer(
+        config, learning_rate_fn, param_labels=labels, lr_multipliers=multipliers
+    )
+    return Optimization(learning_rate_fn, tx, finetune.trainable_mask(labels, multipliers))
+
+
+def state_to_save(data_parallel: DataParallel, state: TrainState) -> TrainState:
+    """What the checkpoint holds: shard_map's replicated global arrays as they are (Orbax writes each
+    shard once); pmap's stacked per-device copies reduced to one host copy."""
+    return state if data_parallel.parallelism == "shard_map" else data_parallel.unreplicate(state)
+
+
+def _start_from_pretrained(
+    config: ml_collections.ConfigDict, data_parallel: DataParallel, state: TrainState, tx: Any
+) -> TrainState:
+    """Step 0 with `config.init_from`'s backbone under `state`'s fresh classifier, a new optimizer state."""
+    fresh = data_parallel.unreplicate(state)
+    try:
+        variables, metadata = finetune.load_pretrained(
+            {"params": fresh.params, "batch_stats": fresh.batch_stats},
+            config.init_from,
+            model_name=config.model,
+        )
+    except (FileNotFoundError, finetune.CheckpointMismatchError) as e:
+        raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+    _log.info(
+        "fine-tuning (%s) from %s (%s, %s classes, step %s): backbone restored, new classifier",
+        config.finetune_mode,
+        config.init_from,
+        metadata.get("model"),
+        metadata.get("num_classes"),
+        metadata.get("step", "-"),
+    )
+    # Merged on the host and placed with `replicate`: inside `init_state`'s jit the pretrained arrays
+    # would become constants of the compiled program.
+    return data_parallel.replicate(
+        jax.device_get(create_train_state(variables, tx, use_ema=config.ema_decay > 0))
+    )
+
+
+def initial_state(
+    config: ml_collections.ConfigDict,
+    data_parallel: DataParallel,
+    model: ResNet,
+    tx: optax.GradientTransformation,
+    plan: RunPlan,
+    checkpointer: TrainingCheckpointer,
+    train_iter: Any,
+) -> TrainState:
+    """The state to start from: the latest checkpoint (and the data position), else `init_from`'s
+    backbone (only on a fresh start: a resumed fine-tune continues from its own checkpoint), else new."""
+
+    def init_state() -> TrainState:
+        # The "rbg" generator: compiling model.init with the default threefry is several times slower,
+        # one threefry per kernel. Same distributions; the stream is deterministic for a seed on a given
+        # backend (not guaranteed identical across backends).
+        rng = jax.random.key(config.seed, impl="rbg")
+        variables = init_variables(model, rng, plan.info.image_size)
+        return create_train_state(variables, tx, use_ema=config.ema_decay > 0)
+
+    state = data_parallel.init_state(init_state)
+    try:
+        restored = checkpointer.restore_latest(state_to_save(data_parallel, state), train_iter)
+    except ValueError as e:
+        raise ConfigError(f"cannot resume from {checkpointer.directory}: {e}") from e
+    if restored is not None:
+        return (
+            restored
+            if data_parallel.parallelism == "shard_map"
+            else data_parallel.replicate(restored)
+        )
+    if config.init_from:
+        return _start_from_pretrained(config, data_parallel, state, tx)
+    return state
