@@ -1,0 +1,264 @@
+"""Training checkpoints: the whole run state under `<workdir>/checkpoints/<step>/`, saved and resumed.
+
+What `TrainingCheckpointer` writes: the TrainState pytree (`state`), the Grain data iterator position (`data`,
+one JSON file per process) and the run's config (`config`). Resuming from it continues the run as if it had
+never stopped: same parameters, optimizer state, step, and the exact next batch. To read only a backbone's
+params and batch_stats from such a checkpoint, use `resnet_jax.checkpoint.load_variables` (no Grain needed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+from resnet_jax.checkpoint.preemption import PreemptionWatcher
+from resnet_jax.checkpoint.variables import CHECKPOINTS_SUBDIR, CONFIG_ITEM, STATE_ITEM
+from resnet_jax.config import to_json
+
+PyTree = Any
+
+BEST_METRIC = "eval_accuracy"
+DATA_ITEM = "data"
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """`jax.ShapeDtypeStruct` leaves (with shardings) for a pytree of arrays: a restore target."""
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return ocp.utils.to_shape_dtype_struct(x)
+
+    return jax.tree.map(leaf, tree)
+
+
+class TrainingCheckpointer:
+    """Saves and restores a training run under `<workdir>/checkpoints` with one Orbax `CheckpointManager`.
+
+    Each checkpoint `<workdir>/checkpoints/<step>/` holds three items, written by every process:
+      - `state`: the TrainState pytree (Orbax writes each shard once; restores onto the target's shardings);
+      - `data`: the Grain iterator state, one `process_<i>-of-<n>.json` per process;
+      - `config`: the run's config as JSON (what `load_variables` reads the model name from).
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the write finishes
+    in a background thread while training continues. Commits are atomic: a step directory is written under a
+    temporary name and renamed when complete, so a save cut short (kill -9, lost node) is never mistaken for a
+    checkpoint; the temporary directory it leaves is deleted when the next run opens the directory.
+
+    Preservation: the latest `max_to_keep` checkpoints, plus the `keep_best` ones with the highest
+    `eval_accuracy` among those saved with eval metrics.
+
+    Preemption: `reached_preemption(step)` is True once the job has been told to stop. After
+    `jax.distributed.initialize` JAX's preemption sync service catches SIGTERM and all processes agree on the
+    step; in a single process without it, a SIGTERM handler installed here sets the flag (otherwise SIGTERM would
+    kill the process before it could save).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        save_every_steps: int,
+        max_to_keep: int = 3,
+        keep_best: int = 1,
+        best_metric: str = BEST_METRIC,
+        config: Mapping[str, Any] | None = None,
+        async_save: bool = True,
+        handle_sigterm: bool = True,
+    ) -> None:
+        if save_every_steps < 1:
+            raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
+        if max_to_keep < 1:
+            raise ValueError(
+                f"max_to_keep must be >= 1 (the latest is what resumes), got {max_to_keep}"
+            )
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
+        self.save_every_steps = save_every_steps
+        self.best_metric = best_metric
+        self._config = to_json(config) if config is not None else None
+
+        def score(metrics: Mapping[str, Any]) -> float:
+            # Checkpoints saved without eval metrics rank below every evaluated one.
+            return float(metrics.get(best_metric, -math.inf))
+
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+        if keep_best > 0:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=score,
+                    reverse=False,  # ascending: the last `keep_best` are the highest scores
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        # The save decision is ours (`save`): Orbax's default policy would also save the first step it sees.
+        # `best_fn` is set beside the policy because only then does Orbax write each checkpoint's metrics to
+        # disk, which the BestN policy needs to rank checkpoints saved before a restart.
+        options = ocp.CheckpointManagerOptions(
+            best_fn=score,
+            best_mode="max",
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            handler_registry=_handler_registry(),
+        )
+        self._watcher = PreemptionWatcher() if handle_sigterm else None
+
+    # -- queries ----------------------------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint kept, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest `best_metric`, or None when no checkpoint has it."""
+        scored = [
+            (float(metrics[self.best_metric]), step)
+            for step in self._manager.all_steps()
+            if self.best_metric in (metrics := self._manager.metrics(step) or {})
+        ]
+        return max(scored)[1] if scored else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with `step` (empty when it was saved without any)."""
+        return dict(self._manager.metrics(step) or {})
+
+    # -- save / restore ---------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        data_iterator: Any | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` (and the iterator position) as step `step` if it is due; returns whether it saved.
+
+        Due means: `step` is a multiple of `save_every_steps`, or a preemption was signalled, or `force`. A step
+        that already has a checkpoint is not saved twice (so a final `force=True` save is always safe). Every
+        process must call this with the same `step`. `metrics` (host floats) are kept with the checkpoint; those
+        holding `best_metric` rank it for the keep-best policy.
+        """
+        if step in self._manager.all_steps():
+            return False
+        due = step % self.save_every_steps == 0 or self.reached_preemption(step)
+        if not (due or force):
+            return False
+        items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[DATA_ITEM] = grain_checkpoint.CheckpointSave(data_iterator)
+        if self._config is not None:
+            items[CONFIG_ITEM] = ocp.args.JsonSave(self._config)
+        saved_metrics = {name: float(value) for name, value in (metrics or {}).items()}
+        return self._manager.save(
+            step, args=ocp.args.Composite(**items), metrics=saved_metrics, force=True
+        )
+
+    def restore(self, step: int, target_state: PyTree, data_iterator: Any | None = None) -> PyTree:
+        """Restores step `step` onto `target_state`'s structure, dtypes and shardings.
+
+        `target_state` may hold arrays (e.g. the freshly initialized state, which is the usual way to get the
+        shardings right on every host) or `jax.ShapeDtypeStruct`s. `data_iterator`, when given, is moved to the
+        saved position in place (this process's own state file).
+        """
+        items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(target_state))}
+        if data_iterator is not None:
+            self._check_data_processes(step)
+            items[DATA_ITEM] = grain_checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[STATE_ITEM]
+
+    def _check_data_processes(self, step: int) -> None:
+        """Each process restores its own iterator file: the process count must be the one that saved."""
+        data_dir = os.path.join(self.directory, str(step), DATA_ITEM)
+        if not os.path.isdir(data_dir):
+            return
+        counts = {
+            name.rsplit("-of-", 1)[1].removesuffix(".json")
+            for name in os.listdir(data_dir)
+            if name.startswith("process_") and "-of-" in name
+        }
+        if counts and counts != {str(jax.process_count())}:
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} was written by {', '.join(sorted(counts))} "
+                f"process(es) and this run has {jax.process_count()}: the data position is per process, "
+                "so resume with the same number of processes (or fine-tune from it with config.init_from)"
+            )
+
+    def restore_latest(
+        self, target_state: PyTree, data_iterator: Any | None = None
+    ) -> PyTree | None:
+        """`restore` of the newest complete checkpoint, or None when there is none (a fresh run)."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore(step, target_state, data_iterator)
+
+    def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The config saved with `step` (default: the latest), or None."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+        )
+        return restored[CONFIG_ITEM]
+
+    # -- preemption and lifetime --------------------------------------------------------------------------------
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once the job must stop: save at `step` (`save(..., force=True)`) and exit.
+
+        Multi-process: JAX's preemption sync point, True on every process at the same step. Single process:
+        also our SIGTERM flag.
+        """
+        return self._manager.reached_preemption(step) or self._sigterm_requested()
+
+    def _sigterm_requested(self) -> bool:
+        return self._watcher is not None and self._watcher.requested()
+
+    def wait_until_finished(self) -> None:
+        """Blocks until any asynchronous save has been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, releases the manager and restores the previous SIGTERM handler."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._watcher is not None:
+            self._watcher.uninstall()
+            self._watcher = None
+
+    def __enter__(self) -> TrainingCheckpointer:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Names each item's handler up front, so a fresh manager can read metadata of items it did not write."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add(DATA_ITEM, grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointHandler)
+    registry.add(DATA_ITEM, grain_checkpoint.CheckpointRestore, grain_checkpoint.CheckpointHandler)
+    registry.add(CONFIG_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add(CONFIG_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return registry
