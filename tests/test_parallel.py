@@ -87,7 +87,7 @@ SCRIPT = textwrap.dedent(
             metrics.append(m)
         state = dp.unreplicate(state)
         return {"params": state.params, "batch_stats": state.batch_stats,
-                "losses": [float(m["loss"]) for m in dp.fetch(metrics)]}
+                "losses": [float(m["loss"]) for m in dp.unreplicate(metrics)]}
 
     def per_shard_reference():
         # Per-device BN by hand, on one device: each shard's forward/backward on its own, the gradients and
@@ -130,7 +130,7 @@ SCRIPT = textwrap.dedent(
         state = dp.replicate(init(model))
         evaluate = dp.compile(functools.partial(steps.eval_step, apply_fn=model.apply,
                                                 axis_name=DATA_AXIS), donate_state=False)
-        sums = [dp.fetch(evaluate(state, dp.shard_batch(b)))
+        sums = [dp.unreplicate(evaluate(state, dp.shard_batch(b)))
                 for b in create_eval_batches(config, process_index=0, process_count=1,
                                              local_batch_size=48)]
         totals = {k: sum(float(s[k]) for s in sums) for k in steps.EVAL_SUM_NAMES}
@@ -167,6 +167,8 @@ def results(tmp_path_factory):
         os.environ,
         # LLVM -O0: half the compile time of these tiny programs, same semantics.
         XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} --xla_backend_optimization_level=0",
+        # The simulated devices are CPU devices; on a GPU host jax would otherwise pick the GPU(s).
+        JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     proc = subprocess.run(
