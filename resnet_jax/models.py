@@ -3,7 +3,7 @@
 Reads top to bottom: the injected building blocks, the two residual blocks, the network, then the table
 of named variants. Everything is NHWC; BatchNorm statistics live in the explicit `batch_stats` collection.
 
-Module names are stable and meaningful (`stem/conv`, `stage2/block1/conv2`, `fc`) because checkpoints,
+Module names are stable and meaningful (`stem_conv`, `stage2_block1/conv2`, `fc`) because checkpoints,
 the torchvision conversion table and freezing rules are written against them.
 """
 
