@@ -15,7 +15,8 @@ from flax import struct, traverse_util
 
 from resnet_jax import config as config_lib
 from resnet_jax import finetune, optim, steps
-from resnet_jax.checkpoint import TrainingCheckpointer, save_variables
+from resnet_jax.checkpoint import save_variables
+from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.finetune import CheckpointMismatchError, merge_pretrained
 from resnet_jax.models import create_model
 from resnet_jax.parallel import DataParallel

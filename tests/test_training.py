@@ -11,6 +11,7 @@ import pytest
 
 from resnet_jax import checkpoint
 from resnet_jax import config as config_lib
+from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -53,9 +54,7 @@ def read_metrics(workdir) -> list[dict]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-    manager = checkpoint.TrainingCheckpointer(
-        str(workdir), save_every_steps=1, handle_sigterm=False
-    )
+    manager = TrainingCheckpointer(str(workdir), save_every_steps=1, handle_sigterm=False)
     try:
         return manager.all_steps()
     finally:
