@@ -24,13 +24,13 @@ import sys
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from absl import flags
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from resnet_jax.config import base_config  # noqa: E402
 from resnet_jax.data import create_train_iterator, transforms  # noqa: E402
 
 
@@ -120,22 +120,21 @@ def main() -> None:
     def run(
         name: str, root: str, num_workers: int, draft: bool, batches: int, repeats: int
     ) -> None:
-        config = ml_collections.ConfigDict(
-            dict(
-                dataset=f"folder:{root}",
-                image_size=224,
-                augment="imagenet",
-                normalization="imagenet",
-                num_workers=num_workers,
-            )
+        config = base_config()
+        config.update(
+            dataset=f"folder:{root}",
+            image_size=224,
+            augment="imagenet",
+            normalization="imagenet",
+            num_workers=num_workers,
         )
-        original_draft = transforms._draft
+        original_draft = transforms.draft_jpeg
         if not draft:  # only affects this process: used for in-process runs
-            transforms._draft = lambda image, width, height: (1.0, 1.0)
+            transforms.draft_jpeg = lambda image, width, height: (1.0, 1.0)
         try:
             rate, per_cpu_second = measure(config, args.batch_size, args.warmup, batches, repeats)
         finally:
-            transforms._draft = original_draft
+            transforms.draft_jpeg = original_draft
         decoding_processes = max(num_workers, 1)
         runs.append(
             dict(

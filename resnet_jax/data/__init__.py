@@ -5,15 +5,22 @@ Three kinds of source behind one pipeline (`config.dataset`):
 - "folder:/path/to/root": a folder of images, root/<class>/<image> (or root/train/... and root/val/...);
 - any other string: a TFDS dataset prepared as ArrayRecord (`python -m resnet_jax.data.prepare NAME`).
 
-The trainer uses `dataset_info`, `create_train_iterator` and `create_eval_batches`; see `pipeline` for the
-config keys and guarantees (determinism, per-process shards, checkpointable iterator state, exact eval).
+Modules: `pipeline` (config -> batches), `transforms` (decode, augment, normalize), `sources` (digits, TFDS),
+`folder` (image folders), `prepare` (the TFDS preparation command).
+
+The trainer uses `dataset_info`, `create_train_iterator`, `create_eval_batches` and `num_eval_batches`;
+`resnet_jax.predict` uses `eval_preprocessor`. See `pipeline` for the guarantees (determinism, per-process shards,
+checkpointable iterator state, exact eval).
 """
 
 from resnet_jax.data.pipeline import (
     DatasetInfo,
+    DatasetSpec,
     create_eval_batches,
     create_train_iterator,
     dataset_info,
+    dataset_spec,
+    eval_preprocessor,
     num_eval_batches,
 )
 from resnet_jax.data.sources import DataError
@@ -21,8 +28,11 @@ from resnet_jax.data.sources import DataError
 __all__ = [
     "DataError",
     "DatasetInfo",
+    "DatasetSpec",
     "create_eval_batches",
     "create_train_iterator",
     "dataset_info",
+    "dataset_spec",
+    "eval_preprocessor",
     "num_eval_batches",
 ]

@@ -8,11 +8,8 @@ Eval: one pass, no shuffle, each process a contiguous slice of the split; batche
 with a 0/1 `mask` and every process yielding the same number of batches, so multi-host evaluation never waits on a
 process that has run out and every example is counted exactly once.
 
-Config keys (all optional): dataset ('digits' (default) | 'folder:/root' | a TFDS name), data_dir,
-train_split, eval_split, image_size, augment ('imagenet' | 'cifar' | 'none'), crop_padding (cifar, default 4),
-normalization ('dataset' | 'imagenet'), num_workers (Grain worker processes, 0 = in this process),
-prefetch_buffer_size (records read ahead per process), num_read_threads, worker_buffer_size (batches each worker
-keeps ready), folder_val_fraction (default 0.1), max_bad_image_fraction (default 0.01).
+The config is one built on `resnet_jax.config.base_config()` and validated (the trainer does both); the data keys
+are described there. None for data_dir, train_split, eval_split or augment means the dataset's default.
 """
 
 from __future__ import annotations
@@ -25,10 +22,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from resnet_jax.data import sources, transforms
+from resnet_jax.data import folder, sources, transforms
 from resnet_jax.data.sources import DataError
 
 DIGITS = "digits"
@@ -47,8 +45,8 @@ class DatasetInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-    """A config's dataset choices with every default filled in."""
+class DatasetSpec:
+    """A config's dataset keys with every "dataset default" (None) resolved; hashable, so results cache on it."""
 
     dataset: str
     data_dir: str | None
@@ -63,6 +61,7 @@ class _Spec:
 
     @property
     def kind(self) -> str:
+        """'digits', 'folder' or 'tfds'."""
         if self.dataset == DIGITS:
             return "digits"
         if self.dataset.startswith(FOLDER_PREFIX):
@@ -70,16 +69,18 @@ class _Spec:
         return "tfds"
 
     def source(self, split: str) -> sources.Source:
-        """The source for one split ('train' role uses train_split; pass the split name itself)."""
+        """The source of `split` (train_split or eval_split)."""
         if self.kind == "digits":
             return sources.DigitsSource(split)
         if self.kind == "folder":
-            index = self.folder_index()
-            return sources.FolderSource(index, "train" if split == self.train_split else "eval")
+            return folder.FolderSource(
+                self.folder_index(), "train" if split == self.train_split else "eval"
+            )
         return sources.TfdsSource(self.dataset, split, self.data_dir)
 
-    def folder_index(self) -> sources.FolderIndex:
-        return sources.index_folder(
+    def folder_index(self) -> folder.FolderIndex:
+        """The files of a 'folder:' dataset (cached by `index_folder`)."""
+        return folder.index_folder(
             self.dataset[len(FOLDER_PREFIX) :],
             self.train_split,
             self.eval_split,
@@ -88,64 +89,47 @@ class _Spec:
         )
 
 
-def _get(config: Any, key: str, default: Any) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return default if value is None else value
+def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
+    """The config's dataset choices, with the dataset's defaults where the config says None.
 
-
-def _spec(config: Any) -> _Spec:
-    dataset = _get(config, "dataset", DIGITS)
-    data_dir = _get(config, "data_dir", None)
+    Default splits: digits train/test, folders train/val, TFDS train and validation (else test). Default
+    augment: none for digits (flips and crops change what a digit is), cifar for datasets of square images up
+    to 64 px, imagenet otherwise.
+    """
+    dataset = config.dataset
     if dataset == DIGITS:
-        splits, native = ("train", "test"), 8
+        train_split, eval_split, default_augment = "train", "test", "none"
     elif dataset.startswith(FOLDER_PREFIX):
-        splits, native = ("train", "val"), None
+        train_split, eval_split, default_augment = "train", "val", "imagenet"
     else:
-        splits, native = _tfds_default_splits(dataset, data_dir)
-    image_size = int(_get(config, "image_size", native or 224))
-    # Small native images (digits, CIFAR) get the CIFAR recipe, photos the ImageNet one.
-    default_augment = (
-        "none" if dataset == DIGITS else ("cifar" if native and native <= 64 else "imagenet")
-    )
-    normalization = _get(config, "normalization", "dataset")
-    if normalization not in ("dataset", "imagenet"):
-        raise ValueError(
-            f"config.normalization must be 'dataset' or 'imagenet', got {normalization!r}"
-        )
-    return _Spec(
+        tfds = sources.tfds_defaults(dataset, config.data_dir)
+        train_split, eval_split = tfds.train_split, tfds.eval_split
+        small = tfds.image_side is not None and tfds.image_side <= 64
+        default_augment = "cifar" if small else "imagenet"
+    return DatasetSpec(
         dataset=dataset,
-        data_dir=data_dir,
-        train_split=_get(config, "train_split", splits[0]),
-        eval_split=_get(config, "eval_split", splits[1]),
-        image_size=image_size,
-        augment=_get(config, "augment", default_augment),
-        normalization=normalization,
-        crop_padding=int(_get(config, "crop_padding", 4)),
-        folder_val_fraction=float(_get(config, "folder_val_fraction", 0.1)),
-        max_bad_image_fraction=float(_get(config, "max_bad_image_fraction", 0.01)),
+        data_dir=config.data_dir,
+        train_split=config.train_split or train_split,
+        eval_split=config.eval_split or eval_split,
+        image_size=config.image_size,
+        augment=config.augment or default_augment,
+        normalization=config.normalization,
+        crop_padding=config.crop_padding,
+        folder_val_fraction=config.folder_val_fraction,
+        max_bad_image_fraction=config.max_bad_image_fraction,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _tfds_default_splits(name: str, data_dir: str | None) -> tuple[tuple[str, str], int | None]:
-    """('train', 'validation' if the dataset has one else 'test') and the native image side if fixed."""
-    builder = sources._tfds_builder(name, data_dir)
-    split_names = set(builder.info.splits.keys())
-    eval_split = "validation" if "validation" in split_names else "test"
-    image_key, _ = sources._tfds_keys(builder.info)
-    shape = getattr(builder.info.features[image_key], "shape", None)
-    native = int(shape[0]) if shape and shape[0] and shape[0] == shape[1] else None
-    return ("train", eval_split), native
-
-
-@functools.lru_cache(maxsize=16)
-def _dataset_stats(spec: _Spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization_stats(spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of pixel/255 that normalization subtracts and divides by."""
     if spec.normalization == "imagenet":
-        return sources.IMAGENET_MEAN, sources.IMAGENET_STD
+        return transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
     if spec.kind == "digits":
         return sources.DigitsSource(spec.train_split).stats()
-    if spec.kind == "tfds" and spec.dataset.split("/")[0] in sources.KNOWN_STATS:
-        return sources.KNOWN_STATS[spec.dataset.split("/")[0]]
+    known = sources.KNOWN_STATS.get(spec.dataset.split("/")[0])
+    if spec.kind == "tfds" and known is not None:
+        return known
     mean, std = sources.estimate_stats(spec.source(spec.train_split))
     logging.info(
         "Estimated mean %s and std %s of %s from 256 train images.", mean, std, spec.dataset
@@ -153,9 +137,9 @@ def _dataset_stats(spec: _Spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return mean, std
 
 
-def dataset_info(config: Any) -> DatasetInfo:
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     """Sizes, classes and the model input size of the configured dataset (reads metadata, not images)."""
-    spec = _spec(config)
+    spec = dataset_spec(config)
     if spec.kind == "folder":
         index = spec.folder_index()
         num_train, num_eval, class_names = len(index.train), len(index.eval), index.class_names
@@ -172,7 +156,32 @@ def dataset_info(config: Any) -> DatasetInfo:
     )
 
 
-class _Permuted:
+def _preprocess_options(spec: DatasetSpec) -> dict[str, Any]:
+    """The arguments TrainPreprocess and EvalPreprocess share."""
+    mean, std = _normalization_stats(spec)
+    return dict(
+        augment=spec.augment,
+        image_size=spec.image_size,
+        mean=mean,
+        std=std,
+        crop_padding=spec.crop_padding,
+    )
+
+
+def eval_preprocessor(
+    config: ml_collections.ConfigDict, batch_size: int = 1
+) -> transforms.EvalPreprocess:
+    """The eval transform `create_eval_batches` applies for `config`: its resize/crop and its mean/std.
+
+    `preprocess(raw)` of the result turns one image (array or encoded bytes) into what the model saw in
+    evaluation, which is how `resnet_jax.predict` prepares images for a model trained here.
+    """
+    return transforms.EvalPreprocess(
+        **_preprocess_options(dataset_spec(config)), batch_size=batch_size
+    )
+
+
+class _PermutedSource:
     """A source seen through a fixed permutation, so contiguous per-process shards are random subsets.
 
     Grain's IndexSampler gives each process a contiguous range of record keys; folders (and some TFDS splits) are
@@ -212,38 +221,22 @@ class _EvalBatchSource:
         return [self._source[i] for i in range(first, min(first + self._batch_size, self._stop))]
 
 
-def _ensure_absl_flags_parsed() -> None:
-    # Grain's worker processes read absl flags; outside absl.app (tests, notebooks) they were never parsed.
-    if not flags.FLAGS.is_parsed():
+def _loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """grain.DataLoader's worker and read-ahead arguments."""
+    if config.num_workers > 0 and not flags.FLAGS.is_parsed():
+        # Grain's worker processes read absl flags; outside absl.app (tests, notebooks) they were never parsed.
         flags.FLAGS(sys.argv[:1], known_only=True)
-
-
-def _preprocess_args(spec: _Spec) -> dict[str, Any]:
-    mean, std = _dataset_stats(spec)
     return dict(
-        augment=spec.augment,
-        image_size=spec.image_size,
-        mean=mean,
-        std=std,
-        crop_padding=spec.crop_padding,
-    )
-
-
-def _loader_options(config: Any) -> dict[str, Any]:
-    num_workers = int(_get(config, "num_workers", 0))
-    if num_workers > 0:
-        _ensure_absl_flags_parsed()
-    return dict(
-        worker_count=num_workers,
-        worker_buffer_size=int(_get(config, "worker_buffer_size", 2)),
+        worker_count=config.num_workers,
+        worker_buffer_size=config.worker_buffer_size,
         read_options=grain.ReadOptions(
-            num_threads=int(_get(config, "num_read_threads", 16)),
-            prefetch_buffer_size=int(_get(config, "prefetch_buffer_size", 500)),
+            num_threads=config.num_read_threads,
+            prefetch_buffer_size=config.prefetch_buffer_size,
         ),
     )
 
 
-def _check_process(process_index: int, process_count: int, local_batch_size: int) -> None:
+def _check_process_args(process_index: int, process_count: int, local_batch_size: int) -> None:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if local_batch_size <= 0:
@@ -251,7 +244,12 @@ def _check_process(process_index: int, process_count: int, local_batch_size: int
 
 
 def create_train_iterator(
-    config: Any, *, process_index: int, process_count: int, local_batch_size: int, seed: int
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int,
+    process_count: int,
+    local_batch_size: int,
+    seed: int,
 ) -> grain.DataLoaderIterator:
     """An endless iterator of this process's training batches {'image': f32 (B,H,W,3), 'label': i32 (B,)}.
 
@@ -261,10 +259,10 @@ def create_train_iterator(
     seed), batched with drop_remainder, so an epoch is `len(split) // N // local_batch_size` batches per process.
     The iterator's `get_state()` / `set_state()` are what `grain.checkpoint.CheckpointSave/Restore` store.
     """
-    _check_process(process_index, process_count, local_batch_size)
+    _check_process_args(process_index, process_count, local_batch_size)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32) for Grain, got {seed}")
-    spec = _spec(config)
+    spec = dataset_spec(config)
     source = spec.source(spec.train_split)
     per_process = len(source) // process_count
     if per_process < local_batch_size:
@@ -283,10 +281,10 @@ def create_train_iterator(
         seed=seed,
     )
     loader = grain.DataLoader(
-        data_source=_Permuted(source, seed),
+        data_source=_PermutedSource(source, seed),
         sampler=sampler,
         operations=[
-            transforms.TrainPreprocess(**_preprocess_args(spec)),
+            transforms.TrainPreprocess(**_preprocess_options(spec)),
             transforms.DropUndecodable(),
             grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True),
         ],
@@ -309,15 +307,19 @@ def num_eval_batches(num_examples: int, process_count: int, local_batch_size: in
 
 
 def create_eval_batches(
-    config: Any, *, process_index: int, process_count: int, local_batch_size: int
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int,
+    process_count: int,
+    local_batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's slice of the eval split: {'image', 'label', 'mask'} batches.
 
     No shuffle, no augmentation. Across processes every example appears exactly once with mask 1.0; padding rows
     (zeros) have mask 0.0. Every process yields `num_eval_batches(...)` batches, all of `local_batch_size` rows.
     """
-    _check_process(process_index, process_count, local_batch_size)
-    spec = _spec(config)
+    _check_process_args(process_index, process_count, local_batch_size)
+    spec = dataset_spec(config)
     source = spec.source(spec.eval_split)
     start, stop = eval_shard(len(source), process_index, process_count)
     total_batches = num_eval_batches(len(source), process_count, local_batch_size)
@@ -327,9 +329,7 @@ def create_eval_batches(
         loader = grain.DataLoader(
             data_source=batch_source,
             sampler=grain.samplers.SequentialSampler(num_records=len(batch_source)),
-            operations=[
-                transforms.EvalPreprocess(**_preprocess_args(spec), batch_size=local_batch_size)
-            ],
+            operations=[eval_preprocessor(config, batch_size=local_batch_size)],
             shard_options=grain.sharding.NoSharding(),
             **_loader_options(config),
         )
