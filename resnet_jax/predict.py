@@ -26,24 +26,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from resnet_jax.config import base_config
+from resnet_jax.data import transforms
 from resnet_jax.models import CIFAR_MODELS, create_model, list_models
+from resnet_jax.tree_diff import diff_variables
 
-# Per-channel statistics of the ImageNet training set in [0, 1] RGB (the torchvision constants).
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "none": None,  # pixels in [0, 1]
+# Per-channel (mean, std) of pixel / 255 by name; "none" leaves pixels in [0, 1].
+NORMALIZATIONS: dict[str, tuple[Sequence[float], Sequence[float]]] = {
+    "imagenet": (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-IMAGENET_CROP_FRACTION = 224 / 256
+IMAGENET_CROP_FRACTION = transforms.EVAL_CROP_FRACTION
 
-Prediction = list[
-    tuple[int, str, float]
-]  # (class index, class name, probability), most probable first
+# (class index, class name, probability), most probable first.
+Prediction = list[tuple[int, str, float]]
 
 
 class PredictError(Exception):
-    """A problem with the user's input (file, model name, checkpoint); the CLI prints it as one line."""
+    """A problem with the user's input (file, model name, checkpoint); the CLI prints it without a traceback."""
 
 
 def load_image(
@@ -57,42 +60,31 @@ def load_image(
 
     As torchvision's eval transform: resize the shorter side to `int(image_size / crop_fraction)`
     (bilinear, antialiased), center-crop, scale to [0, 1], subtract mean and divide by std.
+    `normalization` is a name of NORMALIZATIONS or `{"mean": [...], "std": [...]}`.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not os.path.isfile(path):
         raise PredictError(f"no image file at {path}")
+    mean, std = _mean_std(normalization)
+    mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
+        with Image.open(path) as image:
+            # Decoded in full here, so the crop is torchvision's exactly (no reduced-size JPEG decoding).
+            image = image.convert(mode)
+    except transforms.UNDECODABLE_IMAGE_ERRORS as e:
         raise PredictError(f"cannot read {path} as an image: {e}") from None
-    resize_to = int(image_size / crop_fraction)
-    width, height = img.size
-    # torchvision's Resize(int): the shorter side becomes `resize_to`, the longer one keeps the aspect.
-    if width <= height:
-        new_size = (resize_to, int(resize_to * height / width))
-    else:
-        new_size = (int(resize_to * width / height), resize_to)
-    img = img.resize(new_size, Image.BILINEAR)
-    left = int(round((new_size[0] - image_size) / 2.0))
-    top = int(round((new_size[1] - image_size) / 2.0))
-    img = img.crop((left, top, left + image_size, top + image_size))
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    if x.ndim == 2:
-        x = x[..., None]
-    mean_std = _mean_std(normalization)
-    if mean_std is not None:
-        mean, std = (np.asarray(v, np.float32)[:channels] for v in mean_std)
-        x = (x - mean) / std
-    return x
+    pixels = transforms.resize_and_center_crop(image, image_size, crop_fraction, mode=mode)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return transforms.normalize(pixels, mean[:channels], std[:channels])
 
 
 def _mean_std(
     normalization: str | Mapping[str, Sequence[float]],
-) -> tuple[Sequence[float], Sequence[float]] | None:
+) -> tuple[Sequence[float], Sequence[float]]:
     if isinstance(normalization, Mapping):
-        return normalization["mean"], normalization["std"]
+        return tuple(normalization["mean"]), tuple(normalization["std"])
     if normalization not in NORMALIZATIONS:
         raise PredictError(
             f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}"
@@ -129,23 +121,14 @@ def _check_variables_fit(model: Any, variables: Mapping[str, Any], model_name: s
     """One error naming the mismatched entries, instead of a shape error deep inside `apply`."""
     image = jnp.zeros((1, 32, 32, model.in_channels), jnp.float32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), image))
-    want = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
-    }
-    have = {
-        jax.tree_util.keystr(k): np.shape(v)
-        for k, v in jax.tree_util.tree_leaves_with_path(
-            {c: variables[c] for c in expected if c in variables}
+    diff = diff_variables(expected, variables)
+    if diff:
+        raise PredictError(
+            diff.format(
+                f"the checkpoint's variables do not fit {model_name}",
+                hint="pass the --model the checkpoint was trained as",
+            )
         )
-    }
-    problems = [f"missing {k}" for k in want if k not in have]
-    problems += [f"unexpected {k}" for k in have if k not in want]
-    problems += [f"{k}: {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if problems:
-        shown = "; ".join(problems[:4]) + (
-            f"; ... ({len(problems)} in all)" if len(problems) > 4 else ""
-        )
-        raise PredictError(f"the checkpoint's variables do not fit {model_name}: {shown}")
 
 
 def predict(
@@ -222,39 +205,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _training_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A training run's saved config (JSON) over `base_config()`, so keys the run predates have defaults."""
+    return ml_collections.ConfigDict({**base_config().to_dict(), **saved})
+
+
 def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.ndarray]:
-    """The trainer's own eval transform for `config`'s dataset: its resize/crop and its mean/std.
+    """The trainer's own eval transform for a saved training `config`: its resize/crop and its mean/std.
 
     A model trained here expects exactly what its evaluation fed it (e.g. the digits' own statistics,
     a whole-image resize for small-image recipes), so a training checkpoint is preprocessed by the data
     package rather than by `load_image`'s torchvision defaults.
     """
-    from resnet_jax.data import pipeline, transforms
+    from resnet_jax.data import eval_preprocessor
 
-    # The data package exposes no public accessor for its eval transform's arguments yet: these two
-    # private calls are the trainer's own (pipeline.create_eval_batches builds the same object).
-    spec = pipeline._spec(config)
-    # EvalPreprocess maps a whole eval batch (a list of records) to padded, masked arrays: a batch of one.
-    preprocess = transforms.EvalPreprocess(**pipeline._preprocess_args(spec), batch_size=1)
+    preprocessor = eval_preprocessor(_training_config(config))
 
     def load(path: str) -> np.ndarray:
         if not os.path.isfile(path):
             raise PredictError(f"no image file at {path}")
         with open(path, "rb") as f:
-            batch = preprocess.map([{"image": f.read(), "label": 0, "path": path}])
-        if batch["mask"][0] == 0.0:  # the row of an undecodable image stays masked out
-            raise PredictError(f"cannot read {path} as an image")
-        return batch["image"][0]
+            raw = f.read()
+        try:
+            return preprocessor.preprocess(raw)
+        except transforms.UNDECODABLE_IMAGE_ERRORS as e:
+            raise PredictError(f"cannot read {path} as an image: {e}") from None
 
     return load
 
 
 def _dataset_class_names(config: Mapping[str, Any]) -> list[str] | None:
-    """The class names of a training config's dataset, or None when the dataset is not readable here."""
+    """The class names of a saved training config's dataset, or None when it is not readable here."""
     from resnet_jax.data import DataError, dataset_info
 
     try:
-        return list(dataset_info(config).class_names)
+        return list(dataset_info(_training_config(config)).class_names)
     except (DataError, OSError, ValueError):
         return None
 
