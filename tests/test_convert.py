@@ -201,6 +201,36 @@ def test_safetensors_both_ways_need_no_torch(resnet18_weights, tmp_path):
     assert_same_bytes({key: back[key] for key in expected}, expected, skip=counters)
 
 
+def test_converting_both_ways_never_imports_grain(resnet18_weights, tmp_path):
+    """Conversion needs Orbax but not the training stack: Grain is neither imported nor needed."""
+    source, _ = resnet18_weights
+    script = (
+        "import sys\n"
+        "from resnet_jax.convert import main\n"
+        f"assert main(['from-torch', {source!r}, {str(tmp_path / 'ckpt')!r}]) == 0\n"
+        f"assert main(['to-torch', {str(tmp_path / 'ckpt')!r}, {str(tmp_path / 'out.pth')!r}]) == 0\n"
+        "grain = [m for m in sys.modules if m == 'grain' or m.startswith('grain.')]\n"
+        "assert not grain, grain\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The command line itself, as a user runs it: -X importtime names every module imported.
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "resnet_jax.convert", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "from-torch" in result.stdout, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "resnet_jax.convert.cli" in imported
+    assert not [m for m in imported if m == "grain" or m.startswith("grain.")]
+
+
 def test_help_explains_both_directions_with_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -343,14 +373,17 @@ def test_a_failed_overwrite_keeps_the_old_output(resnet18_weights, tmp_path, cap
 # Errors that say what is wrong and what it probably is.
 
 
-def test_key_mismatch_lists_every_key_and_names_the_likely_architecture():
+def test_key_mismatch_counts_the_keys_and_names_the_likely_architecture_first():
     shapes = meta_shapes("resnet50")
     with pytest.raises(ConversionError) as error:
         torchvision_to_flax(shapes_as_arrays(shapes), "resnet101")
-    message = str(error.value)
-    assert "this looks like resnet50 weights, not resnet101" in message
+    lines = str(error.value).splitlines()
     # resnet101 has 17 more bottlenecks in layer3 (layer3.6 .. layer3.22), 15 keys each without counters.
-    assert "missing (255)" in message and "layer3.22.conv3.weight" in message
+    assert lines[0].endswith(": 255 missing, 0 unexpected, 0 mis-shaped")
+    assert lines[1] == "hint: this looks like resnet50 weights, not resnet101"
+    # The first keys are listed, the rest counted, so the cause stays readable above them.
+    assert "  layer3.6.conv1.weight (256, 1024, 1, 1)" in lines
+    assert lines[-1] == "  ... 235 more" and len(lines) == 2 + 1 + 20 + 1
 
 
 def test_missing_unexpected_and_misshaped_keys_are_all_listed():
@@ -360,13 +393,14 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed():
     shapes["layer3.0.conv1.weight"] = (256, 128, 1, 1)
     with pytest.raises(ConversionError) as error:
         torchvision_to_flax(shapes_as_arrays(shapes), "resnet18")
-    message = str(error.value)
-    assert "missing (1): layer2.1.bn2.running_var" in message
-    assert "unexpected (1): layer2.1.extra.weight" in message
-    assert (
-        "mis-shaped (1): layer3.0.conv1.weight (256, 128, 1, 1) (expected (256, 128, 3, 3))"
-        in message
-    )
+    assert str(error.value).splitlines()[1:] == [
+        "missing:",
+        "  layer2.1.bn2.running_var (128,)",
+        "unexpected:",
+        "  layer2.1.extra.weight (3,)",
+        "mis-shaped:",
+        "  layer3.0.conv1.weight: (256, 128, 1, 1), expected (256, 128, 3, 3)",
+    ]
 
 
 def test_flax_side_mismatch_names_flax_paths_and_the_architecture():
@@ -374,8 +408,9 @@ def test_flax_side_mismatch_names_flax_paths_and_the_architecture():
     with pytest.raises(ConversionError) as error:
         flax_to_torchvision(variables, "resnet18")
     message = str(error.value)
+    assert "80 unexpected" in message
     assert "this looks like resnet34 weights, not resnet18" in message
-    assert "params/stage3_block6/conv1/kernel" in message
+    assert "params/stage2_block4/conv1/kernel (3, 3, 128, 128)" in message
 
 
 def test_cli_key_mismatch_exits_2_with_the_hint(resnet18_weights, tmp_path, capsys):
@@ -384,9 +419,8 @@ def test_cli_key_mismatch_exits_2_with_the_hint(resnet18_weights, tmp_path, caps
         capsys, "from-torch", source, str(tmp_path / "out"), "--model", "resnet34"
     )
     assert status == 2
-    assert (
-        "this looks like resnet18 weights, not resnet34" in err and "layer3.5.conv1.weight" in err
-    )
+    assert "this looks like resnet18 weights, not resnet34" in err
+    assert "80 missing" in err and "layer1.2.conv1.weight" in err and "... 60 more" in err
     assert not os.path.exists(tmp_path / "out")
 
 
