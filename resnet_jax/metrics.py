@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import steps
@@ -68,6 +69,32 @@ class TrainMetrics:
         summary["learning_rate"] = self._on_host[-1][1]["learning_rate"]
         self._on_host = []
         return summary
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> Any:
+    """Per leaf: are all its values finite (integer leaves, e.g. the step, always are)?"""
+
+    def finite(x: jax.Array) -> jax.Array:
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.all(jnp.isfinite(x))
+        return jnp.array(True)
+
+    return jax.tree.map(finite, tree)
+
+
+def non_finite_paths(tree: Any) -> list[str]:
+    """Paths (`params/stage1_block1/bn1/scale`) of the leaves holding a NaN or Inf, computed on the devices.
+
+    A loss can stay finite while BatchNorm's running variance has overflowed; checking every leaf before a
+    save is what keeps a checkpoint trainable from.
+    """
+    flags = jax.device_get(_finite_flags(tree))
+    return [
+        "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+        for path, finite in jax.tree_util.tree_flatten_with_path(flags)[0]
+        if not finite
+    ]
 
 
 EvalFn = Callable[[TrainState, Any], Mapping[str, jax.Array]]

@@ -23,7 +23,7 @@ from resnet_jax import data, reporting, steps
 from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
 from resnet_jax.config import to_json, validate_config
-from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate
+from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate, non_finite_paths
 from resnet_jax.models import ResNet
 from resnet_jax.parallel import DATA_AXIS, DataParallel
 from resnet_jax.run_setup import (
@@ -159,6 +159,21 @@ class _Run:
         return results
 
     def save(self, step: int, eval_metrics: dict[str, float], force: bool) -> None:
+        """Checkpoints the state, only if every value in it is finite: a checkpoint that cannot be
+        trained from must never replace a good one."""
+        if bad := non_finite_paths(self.state):
+            last_good = self.checkpointer.latest_step()
+            kept = (
+                f"the last good checkpoint, step {last_good} in {self.checkpointer.directory}, is kept"
+                if last_good is not None
+                else "no checkpoint was written"
+            )
+            raise NonFiniteLossError(
+                f"non-finite values in the training state at step {step} ({', '.join(bad[:5])}"
+                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}); not saved, {kept}. "
+                "Lower learning_rate, add warmup_epochs or grad_clip_norm, then rerun: the run resumes "
+                "from the last good checkpoint."
+            )
         self.checkpointer.save(
             step,
             state_to_save(self.data_parallel, self.state),
