@@ -1,26 +1,30 @@
-"""What a training run shows: metrics files (JSONL, TensorBoard), a progress bar, and PNG curves.
+"""What a training run writes as it goes: metrics files (JSONL, TensorBoard), a progress bar, log lines.
 
 Everything here runs on the host, after metrics have been fetched from the devices, and only the main
 process writes: the trainer constructs `MetricWriter(workdir, enabled=jax.process_index() == 0)` and
-`ProgressBar(..., enabled=jax.process_index() == 0)`, so other processes print and write nothing.
+`progress_bar(..., enabled=jax.process_index() == 0)`, so other processes print and write nothing.
 
 TensorBoard event files are written with the `tensorboard` package's own writer and protos; TensorFlow is
-not needed (and not imported). Metric names in TensorBoard are the keys of `metrics.jsonl`.
+not needed (and not imported). Metric names in TensorBoard are the keys of `metrics.jsonl`. TensorBoard and
+matplotlib (`resnet_jax.plot`, for curves.png) are imported only when something is written, so importing this
+module stays light.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-import numbers
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 
 import numpy as np
+import tqdm
+from flax import traverse_util
+
+from resnet_jax.config import to_json
 
 METRICS_FILENAME = "metrics.jsonl"
 CONFIG_FILENAME = "config.json"
@@ -30,9 +34,7 @@ TENSORBOARD_DIRNAME = "tensorboard"
 
 def _to_float(name: str, value: Any) -> float:
     """A Python float from a Python/numpy/jax scalar (a 0-d or 1-element array); anything else is an error."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, numbers.Real):
+    if isinstance(value, int | float):  # Python scalars, bool included (numpy's go below)
         return float(value)
     array = np.asarray(value)  # fetches a jax.Array from its device
     # dtype kinds: bool, int, uint, float, complex; bfloat16 (ml_dtypes) reports "V" but is a float.
@@ -49,40 +51,13 @@ def _to_float(name: str, value: Any) -> float:
     return float(scalar)
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{'a': {'b': 1}}` -> `{'a.b': 1}`; works for dicts and ml_collections ConfigDicts."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-            value = value.to_dict() if hasattr(value, "to_dict") else value
-            flat.update(_flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _json_safe(value: Any) -> Any:
-    """Config values as JSON: tuples to lists, numpy scalars to Python, other objects to their repr."""
-    if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-        value = value.to_dict() if hasattr(value, "to_dict") else value
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return repr(value)
-
-
 class MetricWriter:
     """Writes scalar metrics to `<workdir>/metrics.jsonl` and to TensorBoard in `<workdir>/tensorboard/`.
 
     One JSON object per `write` call, `{"step": step, name: value, ...}`, appended, so a resumed run
     continues the same file (steps that are logged again after a resume appear twice; readers such as
-    `load_metrics` keep the last value). With `enabled=False` (processes other than 0) every method is a
-    no-op and nothing is created on disk.
+    `resnet_jax.plot.load_metrics` keep the last value). With `enabled=False` (processes other than 0)
+    every method is a no-op and nothing is created on disk.
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
@@ -129,7 +104,7 @@ class MetricWriter:
         """Saves `config` as `<workdir>/config.json` and as TensorBoard text and HParams summaries.
 
         Nested keys are flattened with dots (`optimizer.momentum`). The HParams plugin takes only
-        bools, numbers and strings: other values (tuples, None) are shown as their JSON text.
+        bools, numbers and strings: other values (lists, None) are shown as their JSON text.
         """
         if not self.enabled:
             return
@@ -137,15 +112,14 @@ class MetricWriter:
         from tensorboard.plugins.hparams import summary_v2 as hparams_summary
         from tensorboard.plugins.text import summary_v2 as text_summary
 
-        config_json = _json_safe(config)
+        config_json = to_json(config)
         with open(os.path.join(self.workdir, CONFIG_FILENAME), "w", encoding="utf-8") as f:
             json.dump(config_json, f, indent=2, sort_keys=True)
             f.write("\n")
 
-        flat = _flatten(config_json)
         hparams = {
             key: (value if isinstance(value, bool | int | float | str) else json.dumps(value))
-            for key, value in flat.items()
+            for key, value in traverse_util.flatten_dict(config_json, sep=".").items()
         }
         table = "| key | value |\n|---|---|\n" + "".join(
             f"| {key} | `{hparams[key]}` |\n" for key in sorted(hparams)
@@ -166,6 +140,8 @@ class MetricWriter:
         """
         if not self.enabled:
             return None
+        from resnet_jax.plot import plot_curves  # matplotlib: only when drawing
+
         out_png = os.path.join(self.workdir, CURVES_FILENAME) if out_png is None else out_png
         self.flush()
         plot_curves(self.metrics_path, out_png)
@@ -195,202 +171,69 @@ class MetricWriter:
         self.close()
 
 
-class ProgressBar:
-    """A tqdm bar for the main process: steps done/total, images/s, ETA, and the latest loss.
+class _ImagesPerSecondBar(tqdm.tqdm):
+    """A tqdm bar over steps that also shows images/s: its (smoothed) step rate times the global batch."""
 
-    Off (every method a no-op) with `enabled=False` and when stderr is not a terminal, so log files and
-    CI output stay free of carriage-return noise. `images_per_step` is the global batch size: the bar
-    shows the measured step rate times it as `img/s`. `initial` is the step a resumed run starts at.
-    """
+    def __init__(self, *args: Any, images_per_step: int, **kwargs: Any):
+        self.images_per_step = images_per_step  # before tqdm's __init__, which already renders
+        super().__init__(*args, **kwargs)
 
-    def __init__(
-        self,
-        total: int,
-        enabled: bool = True,
-        desc: str = "train",
-        initial: int = 0,
-        images_per_step: int | None = None,
-        file: Any = None,
-    ):
-        self.images_per_step = images_per_step
-        file = sys.stderr if file is None else file
-        self.enabled = enabled and _isatty(file)
-        self._bar = None
-        self._postfix: dict[str, str] = {}
-        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=50)
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=total,
-            initial=initial,
-            desc=desc,
-            unit="step",
-            file=file,
-            dynamic_ncols=True,
-            # Rate and ETA from a moving average of recent steps: in an overall average the first
-            # (compiling) step would dominate the ETA for a long time.
-            smoothing=0.1,
-        )
-
-    def update(self, n: int = 1, **postfix: Any) -> None:
-        """Advances by `n` steps; `postfix` values (e.g. `loss=...`) are shown after the bar."""
-        if not self.enabled:
-            return
-        self._bar.update(n)
-        self._recent.append((time.perf_counter(), self._bar.n))
-        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
-        if self.images_per_step and t1 > t0:
-            # Over the last updates only, so the first (compiling) step soon stops counting.
-            self._postfix["img/s"] = f"{(n1 - n0) * self.images_per_step / (t1 - t0):,.0f}"
-        for key, value in postfix.items():
-            try:
-                self._postfix[key] = f"{_to_float(key, value):.4g}"
-            except TypeError:
-                self._postfix[key] = str(value)
-        # The loss is fetched from the devices only every few steps: keep showing the last one between.
-        if self._postfix:
-            self._bar.set_postfix(self._postfix, refresh=False)
-
-    def write(self, message: str) -> None:
-        """Prints a line without breaking the bar (falls back to plain print when the bar is off)."""
-        if self.enabled:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self._bar is not None:
-            self._bar.close()
-            self._bar = None
-            self.enabled = False
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        values = super().format_dict
+        rate = values.get("rate")
+        if rate is None and values.get(
+            "elapsed"
+        ):  # no smoothed rate yet: the average, as tqdm shows
+            rate = (values["n"] - values["initial"]) / values["elapsed"]
+        values["images_per_s"] = f"{rate * self.images_per_step:,.0f}" if rate else "?"
+        return values
 
 
-def _isatty(stream: Any) -> bool:
+def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
 
 
-def load_metrics(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Reads a `metrics.jsonl` into `{name: (steps, values)}`, sorted by step.
+def progress_bar(
+    total: int,
+    *,
+    enabled: bool,
+    desc: str,
+    initial: int = 0,
+    images_per_step: int | None = None,
+    file: TextIO | None = None,
+) -> tqdm.tqdm:
+    """A tqdm bar over steps: done/total, steps/s, ETA, and images/s when `images_per_step` is given.
 
-    A step logged more than once (a resumed run re-logs steps after its last checkpoint) keeps its
-    last value; null (non-finite) values and lines that do not parse (a run killed mid-write) are skipped.
+    Disabled (`bar.disable`, every method a no-op) when not `enabled` or when `file` (default stderr) is not
+    a terminal, so log files and CI output stay free of carriage-return noise. `initial` is the step a
+    resumed run starts at; `images_per_step` is the global batch size. Postfix values (`bar.set_postfix(
+    loss=...)`) stay shown until replaced.
     """
-    series: dict[str, dict[int, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or "step" not in record:
-                continue
-            step = int(record["step"])
-            for name, value in record.items():
-                if name == "step" or not isinstance(value, int | float) or isinstance(value, bool):
-                    continue
-                series.setdefault(name, {})[step] = float(value)
-    result = {}
-    for name, by_step in series.items():
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        result[name] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
-    return result
-
-
-# (panel, metric, legend suffix, line style) for every curve the plot can hold; missing ones are skipped.
-_CURVES = (
-    ("loss", "train_loss", "train", "-"),
-    ("loss", "eval_loss", "eval", "--"),
-    ("accuracy", "train_accuracy", "train", "-"),
-    ("accuracy", "eval_accuracy", "eval", "--"),
-    ("accuracy", "eval_top5_accuracy", "eval top-5", ":"),
-)
-
-
-def plot_curves(
-    metrics_paths: Sequence[str] | str,
-    out_png: str,
-    labels: Sequence[str] | None = None,
-) -> None:
-    """Draws loss and accuracy vs step (train solid, eval dashed) for one or more runs into a PNG.
-
-    Each run gets one color; runs are labelled by `labels` or by their workdir's name. Curves a run
-    has not logged yet (no eval so far) are left out; a run with no metrics at all draws empty panels
-    that say so, so the call never fails mid-training.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
-
-    paths = [metrics_paths] if isinstance(metrics_paths, str) else list(metrics_paths)
-    if labels is None:
-        labels = [_run_label(p) for p in paths]
-    elif len(labels) != len(paths):
-        raise ValueError(f"got {len(labels)} labels for {len(paths)} metrics files")
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = {"loss": axes[0], "accuracy": axes[1]}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = {name: 0 for name in panels}
-    for run, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        series = load_metrics(path) if os.path.exists(path) else {}
-        for panel, metric, suffix, style in _CURVES:
-            if metric not in series:
-                continue
-            steps, values = series[metric]
-            name = f"{label} {suffix}" if len(paths) > 1 else suffix
-            # A single eval point is invisible as a line: mark evals so early curves show.
-            marker = "o" if metric.startswith("eval") and len(steps) < 30 else None
-            panels[panel].plot(
-                steps,
-                values,
-                style,
-                color=colors[run % len(colors)],
-                marker=marker,
-                markersize=3,
-                label=name,
-            )
-            drawn[panel] += 1
-    for panel, ax in panels.items():
-        ax.set_xlabel("step")
-        ax.set_ylabel(panel)
-        ax.set_title(panel)
-        ax.grid(True, alpha=0.3)
-        if drawn[panel]:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(
-                0.5, 0.5, f"no {panel} logged yet", ha="center", va="center", transform=ax.transAxes
-            )
-    if len(paths) == 1:
-        fig.suptitle(labels[0])
-    fig.tight_layout()
-    out_dir = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(out_dir, exist_ok=True)
-    # Write then rename, so a reader (or a browser refreshing the file) never sees half a PNG.
-    tmp = f"{out_png}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-
-
-def _run_label(metrics_path: str) -> str:
-    """`runs/resnet20/metrics.jsonl` -> `resnet20`."""
-    path = os.path.abspath(metrics_path)
-    if os.path.basename(path) == METRICS_FILENAME:
-        path = os.path.dirname(path)
-    return os.path.basename(path)
+    file = sys.stderr if file is None else file
+    options: dict[str, Any] = dict(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        file=file,
+        dynamic_ncols=True,
+        disable=not (enabled and _is_terminal(file)),
+        # Rate and ETA from a moving average: in an overall average the first (compiling) step would
+        # dominate the ETA for a long time.
+        smoothing=0.1,
+    )
+    if images_per_step is None:
+        return tqdm.tqdm(**options)
+    return _ImagesPerSecondBar(
+        **options,
+        images_per_step=images_per_step,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+        "[{elapsed}<{remaining}, {rate_fmt}, {images_per_s} img/s{postfix}]",
+    )
 
 
 def format_metrics(step: int, metrics: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:

@@ -3,6 +3,9 @@
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +102,7 @@ def test_resumed_writer_appends_and_nonfinite_values_stay_parseable(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["train_loss"] is None
-    steps, _ = reporting.load_metrics(str(tmp_path / "metrics.jsonl"))["train_loss"]
+    steps, _ = plot.load_metrics(str(tmp_path / "metrics.jsonl"))["train_loss"]
     assert steps.tolist() == [1, 2, 3, 4, 5]
 
 
@@ -122,13 +125,24 @@ def test_non_scalar_metric_is_rejected_with_its_name(tmp_path):
 def test_plot_is_a_png_of_sensible_size(tmp_path):
     _write_sample_run(str(tmp_path / "a"))
     out = tmp_path / "curves.png"
-    reporting.plot_curves(str(tmp_path / "a" / "metrics.jsonl"), str(out))
+    plot.plot_curves(str(tmp_path / "a" / "metrics.jsonl"), str(out))
     with Image.open(out) as image:
         assert image.format == "PNG"
         width, height = image.size
         assert 600 <= width <= 2000 and 300 <= height <= 1200
         # Not a blank canvas: the curves put many distinct colors on it.
         assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 50
+
+
+def test_plot_draws_train_and_eval_in_their_own_colours(tmp_path):
+    _write_sample_run(str(tmp_path / "a"))
+    out = tmp_path / "curves.png"
+    plot.plot_curves(str(tmp_path / "a" / "metrics.jsonl"), str(out))
+    with Image.open(out) as image:
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    # matplotlib's tab:blue (train) and tab:orange (eval), each on many pixels: lines and legend.
+    for rgb in ((31, 119, 180), (255, 127, 14)):
+        assert np.all(pixels == rgb, axis=-1).sum() > 100, rgb
 
 
 def test_plot_cli_compares_runs_and_tolerates_runs_without_eval(tmp_path, capsys):
@@ -160,7 +174,7 @@ def test_plot_cli_missing_file_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 def test_plot_with_no_metrics_at_all_still_writes_a_png(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
-    reporting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "empty.png"))
+    plot.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "empty.png"))
     with Image.open(tmp_path / "empty.png") as image:
         assert image.format == "PNG"
 
@@ -172,30 +186,59 @@ class _FakeTerminal(io.StringIO):
 
 def test_progress_bar_shows_steps_images_per_second_and_loss_on_a_terminal():
     stream = _FakeTerminal()
-    bar = reporting.ProgressBar(10, desc="train", initial=2, images_per_step=128, file=stream)
-    assert bar.enabled
+    bar = reporting.progress_bar(
+        10, enabled=True, desc="train", initial=2, images_per_step=128, file=stream
+    )
+    assert not bar.disable
     for step in range(8):
-        bar.update(1, **({"loss": jnp.float32(0.5)} if step == 0 else {}))
+        bar.update(1)
+        if step == 0:
+            bar.set_postfix(loss=0.5)
     bar.close()
     final = stream.getvalue().split("\r")[-1]
-    assert "10/10" in final and "loss=0.5" in final and "img/s=" in final
+    assert "train" in final and "10/10" in final and "loss=0.5" in final
+    assert re.search(r"[\d,]+ img/s", final), final
+
+
+def test_progress_bar_without_images_per_step_counts_steps():
+    stream = _FakeTerminal()
+    bar = reporting.progress_bar(4, enabled=True, desc="eval", file=stream)
+    bar.update(4)
+    bar.close()
+    final = stream.getvalue().split("\r")[-1]
+    assert "eval" in final and "4/4" in final and "img/s" not in final
 
 
 def test_progress_bar_is_off_without_a_terminal_or_when_disabled():
     stream = io.StringIO()  # isatty() is False: a log file or CI
-    bar = reporting.ProgressBar(10, file=stream)
-    bar.update(5, loss=1.0)
+    bar = reporting.progress_bar(10, enabled=True, desc="train", images_per_step=8, file=stream)
+    bar.update(5)
+    bar.set_postfix(loss=1.0)
     bar.close()
-    disabled = reporting.ProgressBar(10, enabled=False, file=_FakeTerminal())
-    disabled.update(5, loss=1.0)
+    terminal = _FakeTerminal()
+    disabled = reporting.progress_bar(10, enabled=False, desc="train", file=terminal)
+    disabled.update(5)
+    disabled.set_postfix(loss=1.0)
     disabled.close()
-    assert not bar.enabled and not disabled.enabled
-    assert stream.getvalue() == ""
+    assert bar.disable and disabled.disable
+    assert stream.getvalue() == "" and terminal.getvalue() == ""
+
+
+def test_importing_reporting_loads_neither_tensorboard_nor_matplotlib():
+    code = (
+        "import sys, resnet_jax.reporting\n"
+        "print(sorted(m for m in ('tensorboard', 'matplotlib') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_plot_curves_png_written_atomically(tmp_path):
     _write_sample_run(str(tmp_path))
-    reporting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    plot.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert sorted(os.listdir(tmp_path)) == [
         "config.json",
         "curves.png",
