@@ -24,6 +24,7 @@ agree to float32 rounding (tests/test_conv.py).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+
+from resnet_jax import winograd
 
 Dtype = Any
 Padding = Sequence[tuple[int, int]]
@@ -161,6 +164,79 @@ def _conv_tap_grad_bwd(strides, padding, residuals, grad_out):
 
 
 _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
+
+
+def winograd_form(tile: int) -> Callable[..., jax.Array]:
+    """The conv by Winograd F(tile x tile, 3x3) (3x3 stride-1 only), in `FORMS`' signature."""
+
+    def conv(x, kernel, strides, padding, feature_group_count=1):
+        del strides  # (1, 1): see form_supports
+        return winograd.winograd_conv(x, kernel, padding, tile, feature_group_count)
+
+    return conv
+
+
+def conv_with_winograd_kernel_grad(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    feature_group_count: int = 1,
+    tile: int = 4,
+) -> jax.Array:
+    """`lax_conv` forward and input gradient; the kernel gradient by Winograd F(tile x tile, 3x3)."""
+    return _conv_winograd_grad(
+        x, kernel, tuple(tuple(p) for p in padding), feature_group_count, tile
+    )
+
+
+_conv_winograd_grad = jax.custom_vjp(
+    lambda x, kernel, padding, groups, tile: lax_conv(x, kernel, (1, 1), padding, groups),
+    nondiff_argnums=(2, 3, 4),
+)
+
+
+def _conv_winograd_grad_fwd(x, kernel, padding, groups, tile):
+    return lax_conv(x, kernel, (1, 1), padding, groups), (x, kernel)
+
+
+def _conv_winograd_grad_bwd(padding, groups, tile, residuals, grad_out):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: lax_conv(x_, kernel, (1, 1), padding, groups), x)
+    (grad_x,) = input_vjp(grad_out)
+    _, kernel_vjp = jax.vjp(lambda k_: winograd.winograd_conv(x, k_, padding, tile, groups), kernel)
+    (grad_kernel,) = kernel_vjp(grad_out)
+    return grad_x, grad_kernel
+
+
+_conv_winograd_grad.defvjp(_conv_winograd_grad_fwd, _conv_winograd_grad_bwd)
+
+
+# The equivalent forms, by name: f(x, kernel, strides, padding, feature_group_count=1) -> y.
+FORMS: dict[str, Callable[..., jax.Array]] = {
+    "lax": lax_conv,
+    "tap_grad": lambda x, k, s, p, g=1: conv_with_tap_kernel_grad(x, k, s, p),
+    "im2col": lambda x, k, s, p, g=1: im2col_conv(x, k, s, p),
+    "winograd2": winograd_form(2),
+    "winograd4": winograd_form(4),
+    "lax_winograd2_grad": functools.partial(conv_with_winograd_kernel_grad, tile=2),
+    "lax_winograd4_grad": functools.partial(conv_with_winograd_kernel_grad, tile=4),
+}
+
+
+def form_supports(
+    name: str,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Padding | str,
+    feature_group_count: int,
+) -> bool:
+    """Whether form `name` computes this conv (every form computes the same values where it does)."""
+    if name == "lax":
+        return True
+    if "winograd" in name:
+        return winograd.supports(kernel_shape, strides, padding)
+    return feature_group_count == 1 and not isinstance(padding, str)
 
 
 def cpu_conv(

@@ -1,0 +1,132 @@
+"""Winograd convolutions F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convs, written as GEMMs for XLA:CPU.
+
+A 3x3 stride-1 conv computed on m x m output tiles needs (m + 2)^2 multiplies per tile and channel pair instead
+of 9 m^2: 2.25x fewer for m = 2, 4x fewer for m = 4 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2015). Each step is a matmul XLA runs on its fast dot path:
+
+* input transform: the overlapping (m + 2) x (m + 2) input tiles, transformed by one GEMM with
+  kron(B^T, B^T) (tile-position axis leading, as the notes in ../shared/notes/cpu-conv.md found fastest);
+* kernel transform: one GEMM with kron(G, G);
+* the products: (m + 2)^2 independent (tiles x C) @ (C x O) matmuls, one batched `dot_general`;
+* output transform: one GEMM with kron(A^T, A^T), then the tiles laid back into the map.
+
+Every step is linear, so autodiff gives both gradients as the transposed steps: the kernel gradient becomes
+(m + 2)^2 matmuls contracting over the tiles, 4x fewer multiplies than XLA's for m = 4. Tiles are gathered by
+reshaping the padded input into m-row blocks and appending the first two rows of the next block, so the
+gather's transpose is one pad + add (an element-wise gather's backward became a chain of pad + add).
+
+Numerics (float32, against `lax.conv_general_dilated`): F(2x2) agrees to a few ulp of the output scale, F(4x4)
+loses about one more decimal digit (its transform matrices hold 1/24 and 8); tests/test_winograd.py states the
+tolerances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Padding = Sequence[tuple[int, int]]
+
+# (B^T, G, A^T) of F(m x m, 3 x 3), interpolation points 0, +-1 (m = 2) and 0, +-1, +-2 (m = 4), plus infinity.
+_TRANSFORMS = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
+
+TILE_SIZES = tuple(_TRANSFORMS)
+
+
+def _kron_transforms(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kron(B^T, B^T) (t^2, t^2), kron(G, G) (t^2, 9), kron(A^T, A^T) (m^2, t^2), float64 numpy."""
+    b_t, g, a_t = (np.asarray(matrix, np.float64) for matrix in _TRANSFORMS[m])
+    return np.kron(b_t, b_t), np.kron(g, g), np.kron(a_t, a_t)
+
+
+def supports(kernel_shape: Sequence[int], strides: Sequence[int], padding: Padding | str) -> bool:
+    """Whether `winograd_conv` computes this conv: 3x3 kernel, stride 1, explicit non-negative padding."""
+    if isinstance(padding, str):
+        return False
+    return (
+        tuple(kernel_shape[:2]) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and all(p >= 0 for pair in padding for p in pair)
+    )
+
+
+def _tiles(x: jax.Array, m: int, tiles_h: int, tiles_w: int) -> jax.Array:
+    """(N, (tiles_h + 1) m, (tiles_w + 1) m, C) -> (N, tiles_h, m + 2, tiles_w, m + 2, C), tiles overlapping by 2."""
+    n, _, _, c = x.shape
+    blocks = x.reshape(n, tiles_h + 1, m, tiles_w + 1, m, c)
+    rows = jnp.concatenate([blocks[:, :tiles_h], blocks[:, 1:, :2]], axis=2)
+    return jnp.concatenate([rows[:, :, :, :tiles_w], rows[:, :, :, 1:, :2]], axis=4)
+
+
+def winograd_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    padding: Padding,
+    tile: int = 4,
+    feature_group_count: int = 1,
+) -> jax.Array:
+    """The 3x3 stride-1 conv of NHWC `x` with HWIO `kernel` by Winograd F(tile x tile, 3 x 3).
+
+    Computes what `lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO',
+    'NHWC'), feature_group_count=...)` computes, to float32 rounding of the transforms.
+    """
+    if not supports(kernel.shape, (1, 1), padding):
+        raise ValueError(
+            f"Winograd needs a 3x3 kernel, stride 1 and explicit padding, got {padding!r}"
+        )
+    m, t = tile, tile + 2
+    n, h, w, c = x.shape
+    groups = feature_group_count
+    (top, bottom), (left, right) = padding
+    out_h, out_w = h + top + bottom - 2, w + left + right - 2
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    # One spare block of rows and columns, so every tile's last two rows exist (zeros past the real padding
+    # only feed outputs that are cropped).
+    x = jnp.pad(
+        x,
+        ((0, 0), (top, (tiles_h + 1) * m - h - top), (left, (tiles_w + 1) * m - w - left), (0, 0)),
+    )
+    kron_b, kron_g, kron_a = (jnp.asarray(k, x.dtype) for k in _kron_transforms(m))
+
+    tiles = _tiles(x, m, tiles_h, tiles_w)  # (N, th, t, tw, t, C)
+    tiles = tiles.transpose(2, 4, 0, 1, 3, 5).reshape(t * t, n * tiles_h * tiles_w * c)
+    v = (kron_b @ tiles).reshape(t * t, n * tiles_h * tiles_w, groups, c // groups)
+
+    o = kernel.shape[-1]
+    u = (kron_g @ kernel.reshape(9, -1)).reshape(t * t, c // groups, groups, o // groups)
+
+    # Batch over tile positions and groups; contract channels within a group.
+    products = lax.dot_general(v, u, (((3,), (1,)), ((0, 2), (0, 2))))  # (t^2, G, P, O/G)
+    products = products.transpose(0, 2, 1, 3).reshape(t * t, -1)
+    y = (kron_a @ products).reshape(m, m, n, tiles_h, tiles_w, o)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, tiles_h * m, tiles_w * m, o)
+    return y[:, :out_h, :out_w, :]
