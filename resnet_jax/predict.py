@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.config import base_config
-from resnet_jax.data import transforms
+from resnet_jax.data import DataError, dataset_info, eval_preprocessor, transforms
 from resnet_jax.models import CIFAR_MODELS, create_model, list_models
 from resnet_jax.tree_diff import diff_variables
 
@@ -217,8 +217,6 @@ def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.
     a whole-image resize for small-image recipes), so a training checkpoint is preprocessed by the data
     package rather than by `load_image`'s torchvision defaults.
     """
-    from resnet_jax.data import eval_preprocessor
-
     preprocessor = eval_preprocessor(_training_config(config))
 
     def load(path: str) -> np.ndarray:
@@ -236,12 +234,37 @@ def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.
 
 def _dataset_class_names(config: Mapping[str, Any]) -> list[str] | None:
     """The class names of a saved training config's dataset, or None when it is not readable here."""
-    from resnet_jax.data import DataError, dataset_info
-
     try:
         return list(dataset_info(_training_config(config)).class_names)
     except (DataError, OSError, ValueError):
         return None
+
+
+def _image_loader(
+    args: argparse.Namespace, model_name: str, metadata: Mapping[str, Any], in_channels: int
+) -> Callable[[str], np.ndarray]:
+    """The training run's eval transform when the checkpoint has one and no flag overrides it, else
+    torchvision's eval transform with the flags' (or metadata's, or the model family's) settings."""
+    config = metadata.get("config") or {}
+    preprocessing_flags = (args.image_size, args.crop_fraction, args.normalization)
+    if config.get("dataset") and all(flag is None for flag in preprocessing_flags):
+        try:
+            return training_eval_preprocessor(config)
+        except (ImportError, OSError, ValueError) as e:
+            raise PredictError(
+                f"cannot rebuild the eval transform of dataset {config['dataset']!r} ({e}); "
+                "pass --image_size, --crop_fraction and --normalization"
+            ) from None
+    is_cifar = model_name in CIFAR_MODELS
+    image_size = args.image_size or metadata.get("image_size") or (32 if is_cifar else 224)
+    crop_fraction = args.crop_fraction or metadata.get("crop_fraction")
+    crop_fraction = crop_fraction or (1.0 if is_cifar else IMAGENET_CROP_FRACTION)
+    normalization = args.normalization or metadata.get("normalization") or "imagenet"
+
+    def load(path: str) -> np.ndarray:
+        return load_image(path, image_size, crop_fraction, normalization, in_channels)
+
+    return load
 
 
 def _run(args: argparse.Namespace) -> list[str]:
@@ -268,31 +291,11 @@ def _run(args: argparse.Namespace) -> list[str]:
         raise PredictError(
             f"the checkpoint holds {metadata['model']!r} but --model is {args.model!r}"
         )
-    _, in_channels = _head_shape(variables)
     config = metadata.get("config") or {}  # present for training checkpoints
     class_names = metadata.get("class_names")
     if class_names is None and config.get("dataset"):
         class_names = _dataset_class_names(config)
-
-    preprocessing_flags = (args.image_size, args.crop_fraction, args.normalization)
-    if config.get("dataset") and all(flag is None for flag in preprocessing_flags):
-        try:
-            load = training_eval_preprocessor(config)
-        except (ImportError, OSError, ValueError) as e:
-            raise PredictError(
-                f"cannot rebuild the eval transform of dataset {config['dataset']!r} ({e}); "
-                "pass --image_size, --crop_fraction and --normalization"
-            ) from None
-    else:
-        is_cifar = model_name in CIFAR_MODELS
-        image_size = args.image_size or metadata.get("image_size") or (32 if is_cifar else 224)
-        crop_fraction = args.crop_fraction or metadata.get("crop_fraction")
-        crop_fraction = crop_fraction or (1.0 if is_cifar else IMAGENET_CROP_FRACTION)
-        normalization = args.normalization or metadata.get("normalization") or "imagenet"
-
-        def load(path: str) -> np.ndarray:
-            return load_image(path, image_size, crop_fraction, normalization, in_channels)
-
+    load = _image_loader(args, model_name, metadata, in_channels=_head_shape(variables)[1])
     batch = np.stack([load(path) for path in args.images])
     results = predict(variables, model_name, batch, args.top_k, class_names=class_names)
     lines = []
