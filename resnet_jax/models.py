@@ -1,7 +1,8 @@
-"""ResNets in Flax linen, layer for layer the networks of torchvision (v1.5) and of the ResNet paper.
+"""ResNets in Flax linen, layer for layer the networks of torchvision (v1.5), timm and the ResNet papers.
 
-Reads top to bottom: the injected building blocks, the two residual blocks, the network, then the table
-of named variants. Everything is NHWC; BatchNorm statistics live in the explicit `batch_stats` collection.
+Reads top to bottom: the two residual blocks, the network, then the table of named variants (the
+pre-activation family, v2/BiT/WRN, is in `models_v2.py`; the shared parts in `layers.py`). Everything is
+NHWC; BatchNorm statistics live in the explicit `batch_stats` collection.
 
 Module names are stable and meaningful (`stem_conv`, `stage2_block1/conv2`, `fc`) because checkpoints,
 the torchvision conversion table and freezing rules are written against them.
@@ -15,35 +16,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
+from resnet_jax import models_v2
 from resnet_jax.conv import default_conv
+from resnet_jax.layers import (
+    SqueezeExcite,
+    avg_pool_ceil,
+    conv_kernel_init,
+    linear_kernel_init,
+    pad,
+    torch_linear_bias_init,
+)
+from resnet_jax.models_v2 import PreActResNet
 
 ModuleDef = Any
 Dtype = Any
-
-# torchvision initializes convs with kaiming_normal_(mode="fan_out", nonlinearity="relu"): untruncated normal.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def torch_linear_bias_init(fan_in: int) -> Callable:
-    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-# torch.nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def pad(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Explicit symmetric padding as torch uses it; 'SAME' pads asymmetrically for strided convs."""
-    return ((size, size), (size, size))
 
 
 class BasicBlock(nn.Module):
@@ -54,8 +42,11 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     act: Callable
     strides: int = 1
-    shortcut: str = "projection"  # or "zero_pad": the paper's parameter-free option A
+    shortcut: str = (
+        "projection"  # "zero_pad": the paper's parameter-free option A; "avg_pool": ResNet-D
+    )
     zero_init_residual: bool = False
+    squeeze_excite: bool = False
     expansion = 1
 
     @nn.compact
@@ -65,6 +56,8 @@ class BasicBlock(nn.Module):
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), (1, 1), pad(1), name="conv2")(y)
         y = self.norm(name="bn2", scale_init=_last_bn_scale_init(self.zero_init_residual))(y)
+        if self.squeeze_excite:
+            y = SqueezeExcite(self.conv, self.act, name="se")(y)
         residual = _shortcut(self, residual, y.shape[-1])
         return self.act(residual + y)
 
@@ -81,6 +74,7 @@ class Bottleneck(nn.Module):
     width_per_group: int = 64
     shortcut: str = "projection"
     zero_init_residual: bool = False
+    squeeze_excite: bool = False
     expansion = 4
 
     @nn.compact
@@ -101,6 +95,8 @@ class Bottleneck(nn.Module):
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), (1, 1), pad(0), name="conv3")(y)
         y = self.norm(name="bn3", scale_init=_last_bn_scale_init(self.zero_init_residual))(y)
+        if self.squeeze_excite:
+            y = SqueezeExcite(self.conv, self.act, name="se")(y)
         residual = _shortcut(self, residual, y.shape[-1])
         return self.act(residual + y)
 
@@ -120,6 +116,9 @@ def _shortcut(block: nn.Module, x: jax.Array, out_channels: int) -> jax.Array:
         extra = out_channels - x.shape[-1]
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
     s = (block.strides, block.strides)
+    if block.shortcut == "avg_pool" and block.strides > 1:
+        # ResNet-D (He et al. 2019, "Bag of Tricks"): average, then a 1x1 conv that sees every position.
+        x, s = avg_pool_ceil(x, block.strides), (1, 1)
     x = block.conv(out_channels, (1, 1), s, pad(0), name="downsample_conv")(x)
     return block.norm(name="downsample_bn")(x)
 
@@ -137,10 +136,11 @@ class ResNet(nn.Module):
     block_cls: ModuleDef
     num_classes: int = 1000
     stage_widths: Sequence[int] = (64, 128, 256, 512)
-    stem: str = "imagenet"  # 7x7/2 conv + 3x3/2 max-pool; "cifar": one 3x3/1 conv
-    shortcut: str = "projection"
+    stem: str = "imagenet"  # 7x7/2 conv + 3x3/2 max-pool; "deep": three 3x3 convs + max-pool; "cifar": 3x3/1
+    shortcut: str = "projection"  # "avg_pool": ResNet-D; "zero_pad": the CIFAR nets' option A
     groups: int = 1
     width_per_group: int = 64
+    squeeze_excite: bool = False
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None  # sync BN statistics over this mapped axis (e.g. "data")
@@ -182,11 +182,21 @@ class ResNet(nn.Module):
             x = self.act(norm(name="stem_bn")(x))
             # reduce_window pads with -inf, as torch's max_pool2d does.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+        elif self.stem == "deep":
+            # ResNet-C/D: three 3x3 convs (32, 32, 64 channels for 64) replace the 7x7, as timm's stem_type="deep".
+            width = self.stage_widths[0]
+            x = conv(width // 2, (3, 3), (2, 2), pad(1), name="stem_conv1")(x)
+            x = self.act(norm(name="stem_bn1")(x))
+            x = conv(width // 2, (3, 3), (1, 1), pad(1), name="stem_conv2")(x)
+            x = self.act(norm(name="stem_bn2")(x))
+            x = conv(width, (3, 3), (1, 1), pad(1), name="stem_conv3")(x)
+            x = self.act(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
         elif self.stem == "cifar":
             x = conv(self.stage_widths[0], (3, 3), (1, 1), pad(1), name="stem_conv")(x)
             x = self.act(norm(name="stem_bn")(x))
         else:
-            raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
+            raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet', 'deep' or 'cifar'")
         outputs["stem"] = x
 
         for stage, (num_blocks, filters) in enumerate(
@@ -204,6 +214,7 @@ class ResNet(nn.Module):
                     strides=2 if stage > 0 and block == 0 else 1,
                     shortcut=self.shortcut,
                     zero_init_residual=self.zero_init_residual,
+                    squeeze_excite=self.squeeze_excite,
                     name=f"stage{stage + 1}_block{block + 1}",
                     **extra,
                 )(x)
@@ -239,6 +250,27 @@ resnext101_32x8d = functools.partial(resnet101, groups=32, width_per_group=8)
 resnext101_64x4d = functools.partial(resnet101, groups=64, width_per_group=4)
 
 
+# timm's variants, layer for layer as timm 1.0 builds them: ResNet-D ("Bag of Tricks": deep stem, average-pool
+# shortcut), SE-ResNet (squeeze-excitation, reduction 16), and the pre-activation v2 nets (models_v2.py) with
+# BatchNorm (timm's resnetv2_*) or GroupNorm + weight standardization (BiT).
+resnet18d = functools.partial(resnet18, stem="deep", shortcut="avg_pool")
+resnet26d = functools.partial(
+    ResNet, stage_sizes=(2, 2, 2, 2), block_cls=Bottleneck, stem="deep", shortcut="avg_pool"
+)
+resnet50d = functools.partial(resnet50, stem="deep", shortcut="avg_pool")
+resnet101d = functools.partial(resnet101, stem="deep", shortcut="avg_pool")
+seresnet50 = functools.partial(resnet50, squeeze_excite=True)
+seresnet101 = functools.partial(resnet101, squeeze_excite=True)
+resnetv2_50 = functools.partial(
+    PreActResNet, stage_sizes=(3, 4, 6, 3), block_cls=models_v2.PreActBottleneck
+)
+resnetv2_101 = functools.partial(
+    PreActResNet, stage_sizes=(3, 4, 23, 3), block_cls=models_v2.PreActBottleneck
+)
+resnetv2_50x1_bit = functools.partial(resnetv2_50, stem="bit", norm="group")
+resnetv2_101x1_bit = functools.partial(resnetv2_101, stem="bit", norm="group")
+
+
 def cifar_resnet(depth: int) -> Callable[..., ResNet]:
     """The paper's 6n+2-layer CIFAR network: 16/32/64 channels, n basic blocks a stage, option-A shortcuts."""
     num_blocks = (depth - 2) // 6
@@ -253,6 +285,22 @@ def cifar_resnet(depth: int) -> Callable[..., ResNet]:
     )
 
 
+def wide_resnet(depth: int, width: int) -> Callable[..., PreActResNet]:
+    """WRN-depth-width (Zagoruyko & Komodakis 2016): pre-activation basic blocks, (depth - 4) / 6 a stage,
+    16/32/64 x width channels after a 16-channel 3x3 stem; `dropout_rate` (the paper: 0.3) between convs."""
+    num_blocks = (depth - 4) // 6
+    return functools.partial(
+        PreActResNet,
+        stage_sizes=(num_blocks,) * 3,
+        stage_widths=(16 * width, 32 * width, 64 * width),
+        stem_width=16,
+        block_cls=models_v2.PreActBasicBlock,
+        stem="cifar",
+        num_classes=10,
+    )
+
+
+Network = ResNet | PreActResNet
 IMAGENET_MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
@@ -265,31 +313,46 @@ IMAGENET_MODELS: dict[str, Callable[..., ResNet]] = {
     "resnext101_32x8d": resnext101_32x8d,
     "resnext101_64x4d": resnext101_64x4d,
 }
-CIFAR_MODELS: dict[str, Callable[..., ResNet]] = {
-    f"cifar_resnet{depth}": cifar_resnet(depth) for depth in (20, 32, 44, 56, 110)
+TIMM_MODELS: dict[str, Callable[..., Network]] = {
+    "resnet18d": resnet18d,
+    "resnet26d": resnet26d,
+    "resnet50d": resnet50d,
+    "resnet101d": resnet101d,
+    "seresnet50": seresnet50,
+    "seresnet101": seresnet101,
+    "resnetv2_50": resnetv2_50,
+    "resnetv2_101": resnetv2_101,
+    "resnetv2_50x1_bit": resnetv2_50x1_bit,
+    "resnetv2_101x1_bit": resnetv2_101x1_bit,
 }
-MODELS: dict[str, Callable[..., ResNet]] = {**IMAGENET_MODELS, **CIFAR_MODELS}
+CIFAR_MODELS: dict[str, Callable[..., Network]] = {
+    **{f"cifar_resnet{depth}": cifar_resnet(depth) for depth in (20, 32, 44, 56, 110)},
+    "wide_resnet28_10": wide_resnet(28, 10),
+}
+MODELS: dict[str, Callable[..., Network]] = {**IMAGENET_MODELS, **TIMM_MODELS, **CIFAR_MODELS}
 
 
 def list_models() -> list[str]:
-    """Names accepted by `create_model`: torchvision's ImageNet ResNets, then the CIFAR ResNets."""
+    """Names accepted by `create_model`: torchvision's ImageNet ResNets, timm's variants, the CIFAR nets."""
     return list(MODELS)
 
 
-def create_model(name: str, num_classes: int = 1000, **options: Any) -> ResNet:
-    """Builds a named ResNet.
+def create_model(name: str, num_classes: int = 1000, **options: Any) -> Network:
+    """Builds a named ResNet (`ResNet`, or `PreActResNet` for the v2/BiT/WRN names).
 
     Args:
-      name: one of `list_models()`, e.g. "resnet50" or "cifar_resnet56".
+      name: one of `list_models()`, e.g. "resnet50", "resnet50d" or "cifar_resnet56".
       num_classes: size of the classifier; 0 drops it and the model returns pooled features.
-      **options: any `ResNet` field: `dtype` (compute dtype, e.g. jnp.bfloat16; params and BN stay
-        float32), `zero_init_residual`, `bn_axis_name` (sync BN over a mapped axis), `bn_frozen`,
-        `conv` (another conv implementation with the same HWIO kernels; default:
-        `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `act`.
+      **options: any field of the network: `dtype` (compute dtype, e.g. jnp.bfloat16; params and norm
+        statistics stay float32), `zero_init_residual`, `bn_axis_name` (sync BN over a mapped axis),
+        `bn_frozen`, `conv` (another conv implementation with the same HWIO kernels; default:
+        `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `act`;
+        `dropout_rate` for the pre-activation nets (e.g. 0.3 for wide_resnet28_10).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(MODELS)}")
-    unknown = set(options) - {f.name for f in ResNet.__dataclass_fields__.values()} - {"parent"}
+    network = MODELS[name].func  # nested functools.partials flatten: this is the class
+    unknown = set(options) - set(network.__dataclass_fields__) - {"parent", "name"}
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)} for create_model({name!r})")
     if num_classes < 0:

@@ -1,0 +1,108 @@
+"""The parts the ResNet families share: torch-equivalent padding and initializers, squeeze-excitation, the
+ResNet-D average-pool downsample and weight standardization.
+
+`models.py` (post-activation ResNets: torchvision's, ResNet-D, SE-ResNet, the CIFAR nets) and `models_v2.py`
+(pre-activation ResNets: v2, BiT, Wide ResNet) build their blocks from these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+ModuleDef = Any
+Dtype = Any
+
+# torchvision initializes convs with kaiming_normal_(mode="fan_out", nonlinearity="relu"): untruncated normal.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# torch.nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> Callable:
+    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def pad(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Explicit symmetric padding as torch uses it; 'SAME' pads asymmetrically for strided convs."""
+    return ((size, size), (size, size))
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's `make_divisible(value, divisor, round_limit=0)`: round to the nearest multiple, at least one."""
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) as timm's `SEModule`: channel gates from the pooled map.
+
+    The two "fully connected" layers are 1x1 convs with bias over the (N, 1, 1, C) pooled map, as in timm,
+    so their kernels convert like every other conv.
+    """
+
+    conv: ModuleDef
+    act: Callable
+    reduction: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        squeezed = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        hidden = make_divisible(channels / self.reduction)
+        s = self.conv(hidden, (1, 1), (1, 1), pad(0), use_bias=True, name="fc1")(squeezed)
+        s = self.conv(channels, (1, 1), (1, 1), pad(0), use_bias=True, name="fc2")(self.act(s))
+        return x * nn.sigmoid(s).astype(x.dtype)
+
+
+def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
+    """torch's `AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)` on NHWC.
+
+    ResNet-D's shortcut: on an odd map the last window holds one row/column and averages only that.
+    """
+    _, height, width, _ = x.shape
+    padding = ((0, -height % stride), (0, -width % stride))
+    return nn.avg_pool(
+        x, (stride, stride), strides=(stride, stride), padding=padding, count_include_pad=False
+    )
+
+
+def standardize_kernel(kernel: jax.Array, epsilon: float) -> jax.Array:
+    """Weight standardization (Qiao et al. 2019) of an HWIO kernel, per output channel.
+
+    As timm's `StdConv2d`: `F.batch_norm` over each output channel's fan-in, i.e. the biased variance.
+    """
+    kernel32 = kernel.astype(jnp.float32)
+    mean = jnp.mean(kernel32, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(kernel32, axis=(0, 1, 2), keepdims=True)
+    return ((kernel32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(kernel.dtype)
+
+
+def weight_standardized(conv: ModuleDef, epsilon: float) -> ModuleDef:
+    """The injected conv, computing with the standardized kernel; the stored `kernel` stays the raw one.
+
+    A variable transform rather than another conv class, so that any conv implementation (`nn.Conv`,
+    `resnet_jax.conv.CpuConv`) keeps its parameters, names and speed.
+    """
+
+    def standardize(variables: dict[str, Any]) -> dict[str, Any]:
+        params = variables.get("params", {})
+        if "kernel" not in params:  # during init, before the conv has created its kernel
+            return variables
+        return {
+            **variables,
+            "params": {**params, "kernel": standardize_kernel(params["kernel"], epsilon)},
+        }
+
+    return nn.map_variables(conv, "params", trans_in_fn=standardize, init=True)
