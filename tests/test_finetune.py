@@ -237,18 +237,21 @@ def test_backbone_lr_multiplier_reaches_the_trainers_step(pretrained_10_class):
     half = _train("frozen_bn", pretrained_10_class, num_steps=1, backbone_lr_multiplier=0.5)
     full = _train("frozen_bn", pretrained_10_class, num_steps=1, backbone_lr_multiplier=1.0)
     start = half["start"]["params"]
-    kernel = ("stage2_block1", "conv1", "kernel")
 
-    def moved(result, path):
-        node, origin = result["params"], start
-        for key in path:
-            node, origin = node[key], origin[key]
-        return np.asarray(node) - np.asarray(origin)
+    def moved(result, module):
+        leaves = jax.tree.leaves(jax.tree.map(np.subtract, result["params"][module], start[module]))
+        return np.concatenate([np.ravel(leaf) for leaf in leaves]).astype(np.float64)
 
-    np.testing.assert_allclose(moved(half, kernel), 0.5 * moved(full, kernel), rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(
-        moved(half, ("fc", "kernel")), moved(full, ("fc", "kernel")), rtol=1e-5
-    )
+    def relative_error(actual, expected):
+        return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+    # Summed over the whole module, float32 rounding of the parameters (~1e-8) stays far below the
+    # updates; a multiplier that did not reach the step would give a relative error of 1.
+    backbone = [name for name in start if name != "fc"]
+    half_moves = np.concatenate([moved(half, name) for name in backbone])
+    full_moves = np.concatenate([moved(full, name) for name in backbone])
+    assert relative_error(half_moves, 0.5 * full_moves) < 1e-2
+    assert relative_error(moved(half, "fc"), moved(full, "fc")) < 1e-3
 
 
 def test_linear_probe_differentiates_only_the_head(pretrained_10_class):
