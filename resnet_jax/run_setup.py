@@ -16,8 +16,10 @@ import ml_collections
 import optax
 
 from resnet_jax import data, finetune, optim
-from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
-from resnet_jax.config import ConfigError
+from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
+from resnet_jax.checkpoint.resume import NoUsableCheckpointError, restore_newest_usable
+from resnet_jax.config import ConfigError, to_json
+from resnet_jax.metrics import non_finite_paths
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.parallel import DATA_AXIS, DataParallel
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
@@ -168,10 +170,17 @@ def initial_state(
 
     state = data_parallel.init_state(init_state)
     try:
-        restored = checkpointer.restore_latest(state_to_save(data_parallel, state), train_iter)
-    except ValueError as e:
-        raise ConfigError(f"cannot resume from {checkpointer.directory}: {e}") from e
-    if restored is not None:
+        resumed = restore_newest_usable(
+            checkpointer,
+            state_to_save(data_parallel, state),
+            train_iter,
+            config=to_json(config),
+            check=_non_finite_problem,
+        )
+    except (IncompatibleCheckpointError, NoUsableCheckpointError) as e:
+        raise ConfigError(str(e)) from None
+    if resumed is not None:
+        _, restored = resumed
         return (
             restored
             if data_parallel.parallelism == "shard_map"
@@ -180,3 +189,11 @@ def initial_state(
     if config.init_from:
         return _start_from_pretrained(config, data_parallel, state, tx)
     return state
+
+
+def _non_finite_problem(state: TrainState) -> str | None:
+    """Why a restored state cannot be trained from (a checkpoint written before saves were checked)."""
+    if bad := non_finite_paths(state):
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"non-finite values in {', '.join(bad[:3])}{more}"
+    return None

@@ -23,8 +23,14 @@ import pytest
 from flax import struct
 
 from resnet_jax.checkpoint import load_variables, save_variables
-from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
+from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
+from resnet_jax.checkpoint.resume import (
+    MISMATCH_REPORT,
+    NoUsableCheckpointError,
+    config_changes,
+    restore_newest_usable,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -292,3 +298,142 @@ def test_resuming_with_another_process_count_is_a_clear_error(tmp_path):
     with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
         with pytest.raises(ValueError, match="written by 2 process"):
             checkpointer.restore_latest(make_state(1), iter(make_loader()))
+
+
+# -- resuming from the newest usable checkpoint ----------------------------------------------------------------
+
+
+def _save_steps(workdir, steps, config=None) -> dict[int, TinyTrainState]:
+    """Checkpoints `steps` of an advancing state (with an iterator position); returns the saved states."""
+    states, state, iterator = {}, make_state(0), iter(make_loader())
+    with TrainingCheckpointer(
+        workdir, save_every_steps=1, max_to_keep=10, config=config
+    ) as checkpointer:
+        for step in steps:
+            state = advance(state)
+            next(iterator)
+            assert checkpointer.save(step, state, iterator)
+            checkpointer.wait_until_finished()
+            states[step] = state
+    return states
+
+
+def test_resume_moves_damaged_checkpoints_aside_and_restores_the_newest_good_one(tmp_path, caplog):
+    states = _save_steps(tmp_path, [1, 2, 3, 4])
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "4" / "state" / "_METADATA").unlink()
+    (checkpoints / "3" / "data" / "process_0-of-1.json").unlink()
+    (checkpoints / "2" / "data" / "process_0-of-1.json").write_text("{not json")
+    with (
+        caplog.at_level(logging.WARNING),
+        TrainingCheckpointer(tmp_path, save_every_steps=1, max_to_keep=10) as checkpointer,
+    ):
+        step, restored = restore_newest_usable(checkpointer, make_state(5), iter(make_loader()))
+        assert checkpointer.all_steps() == [1]
+    assert step == 1
+    assert_states_equal(restored, states[1])
+    # Nothing was deleted: each damaged checkpoint is under unusable/, named with its reason.
+    assert sorted(os.listdir(checkpoints / "unusable")) == [
+        "2.bad-data-file",
+        "3.bad-data-file",
+        "4.missing-state-metadata",
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "is unusable" in r.getMessage()]
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+    assert "checkpoint 4 is unusable: state/_METADATA is missing" in warnings[0]
+    assert "trying step 3" in warnings[0]
+
+
+def test_resume_skips_a_truncated_state_file_and_non_finite_values(tmp_path):
+    states = _save_steps(tmp_path, [1, 2, 3])
+    checkpoints = tmp_path / "checkpoints"
+    for path in (checkpoints / "3" / "state").rglob("d/*"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def check(state):
+        return "non-finite values" if int(state.step) == 2 else None  # as if step 2 held an inf
+
+    with TrainingCheckpointer(tmp_path, save_every_steps=1, max_to_keep=10) as checkpointer:
+        step, restored = restore_newest_usable(checkpointer, make_state(5), check=check)
+    assert step == 1
+    assert_states_equal(restored, states[1])
+    moved = sorted(os.listdir(checkpoints / "unusable"))
+    # Small arrays' headers live beside their data: the metadata read already fails.
+    assert moved[0] == "2.non-finite" and moved[1] in ("3.restore-failed", "3.unreadable-state")
+
+
+def test_no_usable_checkpoint_is_one_error_listing_each_one_tried(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        with pytest.raises(NoUsableCheckpointError) as error:
+            restore_newest_usable(checkpointer, make_state(5))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "tried step 2: state/_METADATA" in message and "step 1: state/_METADATA" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "unusable")) == [
+        "1.missing-state-metadata",
+        "2.missing-state-metadata",
+    ]
+
+
+def test_a_refused_config_change_is_one_line_and_moves_nothing(tmp_path):
+    saved = {"model": "cifar_resnet20", "learning_rate": 0.1, "optimizer": "sgd", "ema_decay": 0.0}
+    _save_steps(tmp_path, [1], config=saved)
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        with pytest.raises(IncompatibleCheckpointError) as error:
+            restore_newest_usable(
+                checkpointer, make_state(5), config={**saved, "model": "resnet18"}
+            )
+        assert checkpointer.all_steps() == [1]
+    message = str(error.value)
+    assert "\n" not in message
+    assert "config.model changed 'cifar_resnet20' -> 'resnet18'" in message
+
+
+def test_allowed_config_changes_are_logged_in_one_line(tmp_path, caplog):
+    saved = {"model": "cifar_resnet20", "learning_rate": 0.1, "num_epochs": 10.0, "ema_decay": 0.5}
+    states = _save_steps(tmp_path, [1], config=saved)
+    new = {**saved, "learning_rate": 0.05, "num_epochs": 20.0, "ema_decay": 0.9}
+    with (
+        caplog.at_level(logging.WARNING),
+        TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer,
+    ):
+        step, restored = restore_newest_usable(checkpointer, make_state(5), config=new)
+    assert step == 1
+    assert_states_equal(restored, states[1])
+    assert (
+        "resuming from step 1 with config changes: learning_rate 0.1 -> 0.05, num_epochs 10.0 -> "
+        "20.0, ema_decay 0.5 -> 0.9" in caplog.text
+    )
+
+
+def test_config_changes_refused_are_those_that_break_the_state():
+    base = {"model": "resnet18", "ema_decay": 0.0, "grad_clip_norm": 0.0, "dtype": "float32"}
+    assert config_changes(base, {**base, "ema_decay": 0.9}).refused() == ["ema_decay"]
+    assert config_changes(base, {**base, "grad_clip_norm": 1.0}).refused() == ["grad_clip_norm"]
+    assert config_changes(base, {**base, "dtype": "bfloat16"}).refused() == []  # state stays f32
+    clipped = {**base, "grad_clip_norm": 1.0}
+    assert config_changes(clipped, {**clipped, "grad_clip_norm": 2.0}).refused() == []
+
+
+def test_a_state_that_does_not_fit_starts_with_a_summary_and_writes_the_full_list(tmp_path):
+    _save_steps(tmp_path, [1])
+    target = make_state(5)
+    # 25 extra layers: more paths than a message lists.
+    target = target.replace(
+        params={**target.params, **{f"extra{i}": {"kernel": jnp.zeros(2)} for i in range(25)}}
+    )
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        with pytest.raises(IncompatibleCheckpointError) as error:
+            restore_newest_usable(checkpointer, target)
+        assert checkpointer.all_steps() == [1]  # intact: not moved aside
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("cannot resume from checkpoint 1 in ")
+    assert lines[0].endswith("does not fit this run's: 25 missing, 0 unexpected, 0 mis-shaped")
+    assert lines[1].startswith("hint: the code that builds the model or the optimizer changed")
+    assert len(lines) < 30 and "... 5 more" in str(error.value)
+    report = tmp_path / MISMATCH_REPORT
+    assert lines[-1] == f"the full lists: {report}"
+    assert report.read_text().count("params/extra") == 25

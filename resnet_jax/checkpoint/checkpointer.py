@@ -15,7 +15,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from grain import checkpoint as grain_checkpoint
+from jax.experimental import multihost_utils
 
 from resnet_jax.checkpoint.preemption import PreemptionWatcher
 from resnet_jax.checkpoint.variables import CHECKPOINTS_SUBDIR, CONFIG_ITEM, STATE_ITEM
@@ -25,6 +27,17 @@ PyTree = Any
 
 BEST_METRIC = "eval_accuracy"
 DATA_ITEM = "data"
+# Checkpoints that cannot be resumed from are moved here (`<step>.<reason>`), never deleted. Orbax's manager
+# only counts directories named by a step number, so it ignores this one.
+UNUSABLE_SUBDIR = "unusable"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint is intact but cannot resume this run (another model, process count, ...).
+
+    Unlike a damaged checkpoint it is never moved aside: every older checkpoint of the run would fail the same
+    way, and the fix is in the command, not on disk.
+    """
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -138,6 +151,47 @@ class TrainingCheckpointer:
         """The metrics saved with `step` (empty when it was saved without any)."""
         return dict(self._manager.metrics(step) or {})
 
+    def step_directory(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def saved_state_metadata(self, step: int) -> PyTree:
+        """The saved TrainState's tree of `ArrayMetadata` (shapes, dtypes), read from `state/_METADATA`
+        without reading any array. Raises (FileNotFoundError, a JSON error, ...) when that file is damaged."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            return handler.metadata(epath.Path(self.step_directory(step), STATE_ITEM)).tree
+        finally:
+            handler.close()
+
+    def data_file(self, step: int) -> str:
+        """This process's Grain iterator state file in checkpoint `step`."""
+        return os.path.join(
+            self.step_directory(step),
+            DATA_ITEM,
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json",
+        )
+
+    def move_aside(self, step: int, reason: str) -> str:
+        """Moves checkpoint `step` to `<directory>/unusable/<step>.<reason>` and returns that path.
+
+        Never deletes anything: the files stay for a person to inspect. Multi-process: every process calls
+        this; process 0 alone renames, the others wait for it, and every process's manager forgets the step.
+        """
+        unusable = os.path.join(self.directory, UNUSABLE_SUBDIR)
+        destination = os.path.join(unusable, f"{step}.{reason}")
+        suffix = 1
+        # The same step can go bad twice (resumed from an older one, damaged again).
+        while os.path.exists(destination):
+            suffix += 1
+            destination = os.path.join(unusable, f"{step}.{reason}.{suffix}")
+        if jax.process_index() == 0:
+            os.makedirs(unusable, exist_ok=True)
+            os.rename(self.step_directory(step), destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"resnet_jax: checkpoint {step} moved aside")
+        self._manager.reload()
+        return destination
+
     # -- save / restore ---------------------------------------------------------------------------------------
 
     def save(
@@ -195,7 +249,7 @@ class TrainingCheckpointer:
             if name.startswith("process_") and "-of-" in name
         }
         if counts and counts != {str(jax.process_count())}:
-            raise ValueError(
+            raise IncompatibleCheckpointError(
                 f"checkpoint {step} in {self.directory} was written by {', '.join(sorted(counts))} "
                 f"process(es) and this run has {jax.process_count()}: the data position is per process, "
                 "so resume with the same number of processes (or fine-tune from it with config.init_from)"

@@ -1,0 +1,338 @@
+"""Resuming a run: the newest checkpoint that is usable, damaged ones moved aside, config changes checked.
+
+`restore_newest_usable` walks the run's checkpoints from the newest. A checkpoint is *damaged* when a file is
+missing, truncated or unreadable, or a restored value is not finite: it is moved to
+`checkpoints/unusable/<step>.<reason>` (never deleted) with a one-line warning, and the next older one is tried.
+A checkpoint is *incompatible* when it is intact but does not fit the run (another model, optimizer, number
+of classes or processes): that is an error in the command, not on disk, so nothing is moved and one
+`IncompatibleCheckpointError` says what changed.
+
+Config changes are judged before anything is restored: `config_changes` compares the config saved with the
+checkpoint and the new one; `REFUSED_CHANGES` lists the keys whose change makes the checkpoint unusable (they
+change the TrainState's structure or what its values mean), and every other change is allowed and logged.
+Whatever the config says, the saved TrainState's structure is also compared with the new one's before the
+restore, so a mismatch is reported as a short tree diff instead of Orbax's traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from resnet_jax.checkpoint.checkpointer import (
+    IncompatibleCheckpointError,
+    TrainingCheckpointer,
+    abstract_like,
+)
+from resnet_jax.checkpoint.variables import CONFIG_ITEM, STATE_ITEM
+from resnet_jax.tree_diff import MAX_LISTED, diff_shapes
+
+PyTree = Any
+
+_log = logging.getLogger(__name__)
+
+# The full path lists of a structure mismatch, when longer than the message shows.
+MISMATCH_REPORT = "resume_mismatch.txt"
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Every checkpoint of the run was damaged (each one was moved aside)."""
+
+
+def _is_on(value: Any) -> bool:
+    return bool(value)
+
+
+# key -> (does this change break the checkpoint?, why). The TrainState's structure follows the model, the
+# number of classes (from the dataset), the optimizer, EMA on/off, gradient clipping on/off and the
+# fine-tuning parameter groups; the dataset also owns the data position. Everything else (learning rate,
+# schedule, length, logging, compute dtype: the state stays float32, image size: the classifier follows a
+# global pool, parallelism, BN sync) leaves the checkpoint usable.
+REFUSED_CHANGES: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "model": (lambda old, new: old != new, "the checkpoint holds that model's parameters"),
+    "dataset": (
+        lambda old, new: old != new,
+        "the classifier and the data position belong to that dataset",
+    ),
+    "optimizer": (
+        lambda old, new: old != new,
+        "the optimizer state (momentum, Adam moments) is that optimizer's",
+    ),
+    "ema_decay": (
+        lambda old, new: _is_on(old) != _is_on(new),
+        "EMA on/off changes what the training state holds",
+    ),
+    "grad_clip_norm": (
+        lambda old, new: _is_on(old) != _is_on(new),
+        "clipping on/off changes the optimizer state's structure",
+    ),
+    "finetune_mode": (
+        lambda old, new: old != new,
+        "it changes BatchNorm's mode and the optimizer's parameter groups",
+    ),
+}
+
+_ABSENT = "(absent)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChanges:
+    """Keys whose value differs between the checkpoint's config and the new one: `key: (old, new)`."""
+
+    changed: dict[str, tuple[Any, Any]]
+
+    def refused(self) -> list[str]:
+        return [
+            key
+            for key, (old, new) in self.changed.items()
+            if key in REFUSED_CHANGES and REFUSED_CHANGES[key][0](old, new)
+        ]
+
+    def describe(self, keys: list[str] | None = None) -> str:
+        """`learning_rate 0.1 -> 0.05, num_epochs 10.0 -> 20.0`."""
+        keys = list(self.changed) if keys is None else keys
+        return ", ".join(
+            f"{key} {self.changed[key][0]!r} -> {self.changed[key][1]!r}" for key in keys
+        )
+
+
+def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> ConfigChanges:
+    """The keys that differ, in the new config's order (JSON values: tuples and lists compare equal)."""
+    saved, new = _jsonable(saved), _jsonable(new)
+    changed = {
+        key: (saved.get(key, _ABSENT), new.get(key, _ABSENT))
+        for key in [*new, *(k for k in saved if k not in new)]
+        if saved.get(key, _ABSENT) != new.get(key, _ABSENT)
+    }
+    return ConfigChanges(changed)
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(config), default=repr))
+
+
+def check_config_change(
+    saved: Mapping[str, Any], new: Mapping[str, Any], where: str
+) -> ConfigChanges:
+    """Raises IncompatibleCheckpointError (one line) for a refused change; returns all the changes."""
+    changes = config_changes(saved, new)
+    if refused := changes.refused():
+        reasons = "; ".join(
+            f"config.{key} changed {changes.changed[key][0]!r} -> {changes.changed[key][1]!r} "
+            f"({REFUSED_CHANGES[key][1]})"
+            for key in refused
+        )
+        raise IncompatibleCheckpointError(
+            f"cannot resume {where}: {reasons}. Set it back to resume, or use a new --workdir "
+            "(config.init_from=<this workdir> fine-tunes from its weights)"
+        )
+    return changes
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def tree_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """`{"opt_state/1/0/trace/fc/kernel": shape}` for any pytree of arrays or array metadata.
+
+    Orbax's metadata holds dicts and lists where the TrainState has dataclasses, named tuples and tuples;
+    their paths read the same (field names, indices), so the two trees compare path by path.
+    """
+    return {
+        "/".join(_key_name(key) for key in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_structure(
+    saved_metadata: PyTree,
+    target_state: PyTree,
+    where: str,
+    hint: str,
+    report_path: str,
+) -> None:
+    """Raises IncompatibleCheckpointError when the saved TrainState's paths or shapes differ from the target's.
+
+    The message starts with a summary line and the hint, lists at most `MAX_LISTED` paths per kind, and writes
+    the full lists to `report_path` when they are longer.
+    """
+    diff = diff_shapes(tree_shapes(abstract_like(target_state)), tree_shapes(saved_metadata))
+    if not diff:
+        return
+    summary = f"cannot resume {where}: its training state does not fit this run's"
+    titles = {
+        "missing_title": "in this run, not in the checkpoint",
+        "unexpected_title": "in the checkpoint, not in this run",
+    }
+    message = diff.format(summary, hint, **titles)
+    if max(len(diff.missing), len(diff.unexpected), len(diff.misshaped)) > MAX_LISTED:
+        if jax.process_index() == 0:
+            with open(report_path, "w", encoding="utf-8") as f:
+                f.write(diff.format(summary, hint, max_listed=1 << 30, **titles) + "\n")
+        message += f"\nthe full lists: {report_path}"
+    raise IncompatibleCheckpointError(message)
+
+
+def _agree(problem: str | None) -> str | None:
+    """Multi-process: a checkpoint is usable only if every process could read its part of it."""
+    if jax.process_count() == 1:
+        return problem
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem is None and flags.any():
+        failed = [int(i) for i in np.flatnonzero(flags)]
+        return f"process(es) {failed} could not read their part of it (see their logs)"
+    return problem
+
+
+def _readable_problem(checkpointer: TrainingCheckpointer, step: int, data: bool) -> str | None:
+    """What is missing or unreadable in checkpoint `step` before any array is read, or None."""
+    if not os.path.isfile(os.path.join(checkpointer.step_directory(step), STATE_ITEM, "_METADATA")):
+        return "state/_METADATA is missing"
+    try:
+        checkpointer.saved_state_metadata(step)
+    except Exception as e:  # garbled metadata or array headers: Orbax raises several kinds
+        return f"the saved state's metadata is unreadable ({_short(e)})"
+    if data:
+        path = checkpointer.data_file(step)
+        relative = os.path.relpath(path, checkpointer.step_directory(step))
+        if not os.path.isfile(path):
+            return f"the data iterator file {relative} is missing"
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return f"the data iterator file {relative} is unreadable ({_short(e)})"
+    return None
+
+
+def _short(error: BaseException) -> str:
+    """`Type: first line`, at most ~160 characters (TensorStore appends pages of JSON spec)."""
+    text = str(error).split("\n", 1)[0].split(" See full TensorStore details", 1)[0]
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _slug(problem: str) -> str:
+    """A short directory-name reason for `problem`."""
+    for needle, slug in (
+        ("_METADATA is missing", "missing-state-metadata"),
+        ("metadata is unreadable", "unreadable-state"),
+        ("data iterator", "bad-data-file"),
+        ("non-finite", "non-finite"),
+        ("process(es)", "unreadable-on-another-process"),
+    ):
+        if needle in problem:
+            return slug
+    return "restore-failed"
+
+
+def _saved_config(checkpointer: TrainingCheckpointer, step: int) -> dict[str, Any] | None:
+    """The config saved with `step`, else the workdir's `config.json` (the previous run's), else None."""
+    try:
+        if os.path.isdir(os.path.join(checkpointer.step_directory(step), CONFIG_ITEM)):
+            if saved := checkpointer.saved_config(step):
+                return dict(saved)
+    except Exception as e:  # a damaged config item does not stop the state from being restored
+        _log.warning("checkpoint %d: its saved config is unreadable (%s)", step, _short(e))
+    path = os.path.join(os.path.dirname(checkpointer.directory), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+def restore_newest_usable(
+    checkpointer: TrainingCheckpointer,
+    target_state: PyTree,
+    data_iterator: Any | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    check: Callable[[PyTree], str | None] | None = None,
+) -> tuple[int, PyTree] | None:
+    """`(step, state)` of the newest checkpoint that restores, or None when the run has none (a fresh start).
+
+    Damaged checkpoints (a file missing, truncated or unreadable; `check(state)` returning a problem, e.g.
+    non-finite values) are moved aside with a one-line warning each, and the next older one is tried.
+
+    Args:
+      checkpointer: the run's checkpointer.
+      target_state: what to restore onto (structure, dtypes, shardings), as for `TrainingCheckpointer.restore`.
+      data_iterator: moved to the restored checkpoint's data position.
+      config: the new run's config (JSON values): compared with the checkpoint's before restoring.
+      check: returns why a restored state cannot be trained from, or None.
+
+    Raises:
+      IncompatibleCheckpointError: a refused config change, a TrainState that does not fit, or another
+        number of processes.
+      NoUsableCheckpointError: there were checkpoints and none restored (lists each one tried and why).
+    """
+    tried: list[str] = []
+    while steps := checkpointer.all_steps():
+        step = steps[-1]
+        where = f"from checkpoint {step} in {checkpointer.directory}"
+        problem = _agree(_readable_problem(checkpointer, step, data_iterator is not None))
+        if problem is None:
+            changes = ConfigChanges({})
+            saved = _saved_config(checkpointer, step)
+            if config is not None and saved is not None:
+                changes = check_config_change(saved, config, where)
+            hint = (
+                f"the config changed since it was written: {changes.describe()}"
+                if changes.changed
+                else "the code that builds the model or the optimizer changed since it was written"
+            )
+            hint += "; resume with the config and code that wrote it, or start a new --workdir"
+            check_structure(
+                checkpointer.saved_state_metadata(step),
+                target_state,
+                where,
+                hint,
+                os.path.join(os.path.dirname(checkpointer.directory), MISMATCH_REPORT),
+            )
+            try:
+                state = checkpointer.restore(step, target_state, data_iterator)
+            except IncompatibleCheckpointError:
+                raise
+            # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
+            except Exception as e:
+                problem = f"restoring it failed ({_short(e)})"
+            else:
+                problem = check(state) if check is not None else None
+            problem = _agree(problem)
+            if problem is None:
+                if changes.changed:
+                    _log.warning(
+                        "resuming from step %d with config changes: %s", step, changes.describe()
+                    )
+                return step, state
+        moved_to = checkpointer.move_aside(step, _slug(problem))
+        tried.append(f"step {step}: {problem}")
+        older = checkpointer.all_steps()
+        _log.warning(
+            "checkpoint %d is unusable: %s; moved it to %s; %s",
+            step,
+            problem,
+            moved_to,
+            f"trying step {older[-1]}" if older else "no older checkpoint is left",
+        )
+    if tried:
+        raise NoUsableCheckpointError(
+            f"no usable checkpoint in {checkpointer.directory}: tried {'; '.join(tried)}. Each was moved "
+            f"to {os.path.join(checkpointer.directory, 'unusable')}; rerun to start afresh, or restore one "
+            "of them by hand"
+        )
+    return None
