@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ import ml_collections
 import optax
 
 from resnet_jax import data, finetune, optim
+from resnet_jax.checkpoint import load_variables
 from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
 from resnet_jax.checkpoint.resume import NoUsableCheckpointError, restore_newest_usable
 from resnet_jax.config import ConfigError, to_json
@@ -23,6 +26,10 @@ from resnet_jax.metrics import non_finite_paths
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.parallel import DATA_AXIS, DataParallel
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
+from resnet_jax.tree_diff import diff_variables
+
+# The full path lists of an init_from mismatch, when longer than the error shows.
+INIT_FROM_MISMATCH_REPORT = "init_from_mismatch.txt"
 
 _log = logging.getLogger(__name__)
 
@@ -120,19 +127,53 @@ def state_to_save(data_parallel: DataParallel, state: TrainState) -> TrainState:
     return state if data_parallel.parallelism == "shard_map" else data_parallel.unreplicate(state)
 
 
+def _write_full_mismatch(
+    path: str, fresh_variables: dict[str, Any], init_from: str, message: str
+) -> None:
+    """The mismatch message with every path listed (the error shows `MAX_LISTED` per kind)."""
+    pretrained, _ = load_variables(init_from)
+    diff = diff_variables(
+        fresh_variables,
+        pretrained,
+        ignore=lambda path: path.split("/")[1] in finetune.DEFAULT_HEAD_NAMES,
+    )
+    lines = message.splitlines()
+    hint = lines[1].removeprefix("hint: ") if lines[1].startswith("hint: ") else ""
+    full = diff.format(
+        lines[0].rsplit(": ", 1)[0],
+        hint,
+        missing_title="missing from the checkpoint",
+        unexpected_title="unexpected (in the checkpoint, not in the model)",
+        max_listed=1 << 30,
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(full + "\n")
+
+
 def _start_from_pretrained(
-    config: ml_collections.ConfigDict, data_parallel: DataParallel, state: TrainState, tx: Any
+    config: ml_collections.ConfigDict,
+    data_parallel: DataParallel,
+    state: TrainState,
+    tx: Any,
+    workdir: str,
 ) -> TrainState:
     """Step 0 with `config.init_from`'s backbone under `state`'s fresh classifier, a new optimizer state."""
     fresh = data_parallel.unreplicate(state)
+    fresh_variables = {"params": fresh.params, "batch_stats": fresh.batch_stats}
     try:
         variables, metadata = finetune.load_pretrained(
-            {"params": fresh.params, "batch_stats": fresh.batch_stats},
-            config.init_from,
-            model_name=config.model,
+            fresh_variables, config.init_from, model_name=config.model
         )
-    except (FileNotFoundError, finetune.CheckpointMismatchError) as e:
+    except FileNotFoundError as e:
         raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+    except finetune.CheckpointMismatchError as e:
+        message = f"config.init_from={config.init_from!r}: {e}"
+        if re.search(r"^  \.\.\. \d+ more$", str(e), re.MULTILINE):
+            path = os.path.join(workdir, INIT_FROM_MISMATCH_REPORT)
+            if jax.process_index() == 0:
+                _write_full_mismatch(path, fresh_variables, config.init_from, str(e))
+            message += f"\nthe full lists: {path}"
+        raise ConfigError(message) from None
     _log.info(
         "fine-tuning (%s) from %s (%s, %s classes, step %s): backbone restored, new classifier",
         config.finetune_mode,
@@ -187,7 +228,8 @@ def initial_state(
             else data_parallel.replicate(restored)
         )
     if config.init_from:
-        return _start_from_pretrained(config, data_parallel, state, tx)
+        workdir = os.path.dirname(checkpointer.directory)
+        return _start_from_pretrained(config, data_parallel, state, tx, workdir)
     return state
 
 
