@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from resnet_jax import winograd
+from resnet_jax import conv_autotune, winograd
 
 Dtype = Any
 Padding = Sequence[tuple[int, int]]
@@ -44,6 +44,9 @@ Padding = Sequence[tuple[int, int]]
 # 16x16 and loses at 32x32.
 SMALL_MAP = 8
 TAP_GRAD_MAP = 16
+# 3x3 stride-1 convs with outputs of at least WINOGRAD_MAP in both dimensions use Winograd F(4x4, 3x3) when
+# nothing was timed (see static_form).
+WINOGRAD_MAP = 8
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -230,13 +233,120 @@ def form_supports(
     strides: Sequence[int],
     padding: Padding | str,
     feature_group_count: int,
+    dtype: Dtype = jnp.float32,
 ) -> bool:
-    """Whether form `name` computes this conv (every form computes the same values where it does)."""
+    """Whether form `name` computes this conv (every form computes the same values where it does).
+
+    Winograd's transforms multiply by up to 8 and 1/24 and cancel in the sums: fine in float32, too coarse in
+    bfloat16 (errors of several bf16 ulps of the output scale), so it is float32/float64 only.
+    """
     if name == "lax":
         return True
     if "winograd" in name:
-        return winograd.supports(kernel_shape, strides, padding)
+        return jnp.dtype(dtype).itemsize >= 4 and winograd.supports(kernel_shape, strides, padding)
     return feature_group_count == 1 and not isinstance(padding, str)
+
+
+def static_form(
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    padding: Padding | str,
+    feature_group_count: int = 1,
+    dtype: Dtype = jnp.float32,
+) -> str:
+    """The form chosen without timing (`RESNET_JAX_CONV_FORM=static`, and convs too small to time)."""
+    if feature_group_count != 1 or isinstance(padding, str):
+        return "lax"
+    kh, kw = kernel_shape[:2]
+    out_h = _output_size(x_shape[1], kh, strides[0], padding[0])
+    out_w = _output_size(x_shape[2], kw, strides[1], padding[1])
+    if kh == kw == 1:
+        return "im2col"
+    # F(4x4) wastes little on maps of two tiles or more, and computed 3x3 stride-1 convs in half lax's time
+    # on both CPUs measured (benchmarks/README.md).
+    if (
+        form_supports("winograd4", kernel_shape, strides, padding, 1, dtype)
+        and min(out_h, out_w) >= WINOGRAD_MAP
+    ):
+        return "winograd4"
+    if out_h <= SMALL_MAP and out_w <= SMALL_MAP:
+        return "im2col"
+    if out_h > TAP_GRAD_MAP or out_w > TAP_GRAD_MAP:
+        return "lax"
+    return "tap_grad"
+
+
+def candidate_forms(
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    padding: Padding | str,
+    feature_group_count: int = 1,
+    dtype: Dtype = jnp.float32,
+) -> list[str]:
+    """The forms the autotuner times for this conv (a 1x1 conv is one matmul: nothing to choose)."""
+    if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
+        return ["im2col"]
+    return [
+        name
+        for name in FORMS
+        if name not in _NOT_TUNED
+        and form_supports(name, kernel_shape, strides, padding, feature_group_count, dtype)
+    ]
+
+
+# Never the fastest where measured; kept in FORMS for benchmarks/conv_shapes.py.
+_NOT_TUNED = ("lax_winograd2_grad",)
+
+
+def select_form(
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    padding: Padding | str,
+    feature_group_count: int = 1,
+    dtype: Dtype = jnp.float32,
+) -> str:
+    """The form `cpu_conv` runs for this conv, per `RESNET_JAX_CONV_FORM` (see resnet_jax.conv_autotune)."""
+    mode = conv_autotune.mode()
+    static = static_form(x_shape, kernel_shape, strides, padding, feature_group_count, dtype)
+    if mode == "static":
+        return static
+    if mode != "auto":
+        if mode not in FORMS:
+            raise ValueError(
+                f"{conv_autotune.FORM_ENV}={mode!r}: expected auto, static or one of {sorted(FORMS)}"
+            )
+        supported = form_supports(mode, kernel_shape, strides, padding, feature_group_count, dtype)
+        return mode if supported else static
+    candidates = candidate_forms(kernel_shape, strides, padding, feature_group_count, dtype)
+    kh, kw, cin, cout = kernel_shape
+    n = x_shape[0]
+    out_h = _output_size(
+        x_shape[1], kh, strides[0], (0, 0) if isinstance(padding, str) else padding[0]
+    )
+    out_w = _output_size(
+        x_shape[2], kw, strides[1], (0, 0) if isinstance(padding, str) else padding[1]
+    )
+    flops = 2 * n * out_h * out_w * kh * kw * cin * cout
+    if len(candidates) < 2 or flops < conv_autotune.MIN_TUNED_FLOPS:
+        return static
+    # An RGB/grey image is the stem's input: a train step never needs its gradient.
+    kernel_grad_only = cin * feature_group_count <= 4
+    key = conv_autotune.shape_key(
+        x_shape, kernel_shape, strides, padding, feature_group_count, dtype, kernel_grad_only
+    )
+    forms = {
+        name: functools.partial(
+            _apply_form, name=name, strides=strides, padding=padding, groups=feature_group_count
+        )
+        for name in candidates
+    }
+    return conv_autotune.choose_form(key, forms, x_shape, kernel_shape, dtype, kernel_grad_only)
+
+
+def _apply_form(x, kernel, *, name, strides, padding, groups):
+    return FORMS[name](x, kernel, strides, padding, groups)
 
 
 def cpu_conv(
@@ -247,22 +357,18 @@ def cpu_conv(
     feature_group_count: int = 1,
     tap_kernel_grad: bool = True,
 ) -> jax.Array:
-    """The fastest of the equivalent forms on XLA:CPU for this shape (see the module docstring).
+    """The fastest of the equivalent forms on XLA:CPU for this shape (`select_form`; module docstring).
 
-    `tap_kernel_grad=False` keeps XLA's own kernel gradient for the convs computed by `lax_conv` (kept for
+    `tap_kernel_grad=False` keeps XLA's own kernel gradient where the choice is the per-tap one (kept for
     measuring what the per-tap kernel gradient buys).
     """
-    if feature_group_count != 1 or isinstance(padding, str):
-        return lax_conv(x, kernel, strides, padding, feature_group_count)
-    kh, kw, _, _ = kernel.shape
-    _, h, w, _ = x.shape
-    out_h = _output_size(h, kh, strides[0], padding[0])
-    out_w = _output_size(w, kw, strides[1], padding[1])
-    if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
-        return im2col_conv(x, kernel, strides, padding)
-    if not tap_kernel_grad or out_h > TAP_GRAD_MAP or out_w > TAP_GRAD_MAP:
-        return lax_conv(x, kernel, strides, padding)
-    return conv_with_tap_kernel_grad(x, kernel, strides, padding)
+    strides = tuple(strides)
+    if not isinstance(padding, str):
+        padding = tuple(tuple(p) for p in padding)
+    name = select_form(x.shape, kernel.shape, strides, padding, feature_group_count, x.dtype)
+    if name == "tap_grad" and not tap_kernel_grad:
+        name = "lax"
+    return FORMS[name](x, kernel, strides, padding, feature_group_count)
 
 
 class CpuConv(nn.Module):

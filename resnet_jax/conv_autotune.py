@@ -1,0 +1,182 @@
+"""Choosing a conv's form by timing the candidates on this machine, once, with the choice cached on disk.
+
+Which of the equivalent forms of `resnet_jax.conv` is fastest depends on the CPU (AVX2 or AVX-512, cache sizes,
+cores) and on the shape: thresholds measured on one CPU did not carry to another. So, like cuDNN's autotuning,
+`choose_form` times each candidate's forward + gradients for the exact (input shape, kernel shape, strides,
+padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
+model, core count and jax version. Shapes are static under `jit`, so the choice happens at trace time; the
+timing runs in a separate thread, outside the caller's trace.
+
+Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
+
+* unset or `auto`: time convs whose forward is at least `MIN_TUNED_FLOPS` (smaller ones take the static choice;
+  timing them costs more than it could save, and keeps tiny test models deterministic);
+* `static`: never time; take `resnet_jax.conv.static_form`'s choice (what tests use for determinism);
+* a form name (`lax`, `winograd4`, ...): that form wherever it can compute the conv, the static choice elsewhere.
+
+`RESNET_JAX_CACHE_DIR` moves the cache (default `~/.cache/resnet_jax`). Delete the file to re-measure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORM_ENV = "RESNET_JAX_CONV_FORM"
+CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
+# Convs with fewer forward multiply-adds x 2 than this are not timed (about 2 ms of work on one modern core).
+MIN_TUNED_FLOPS = 2e8
+# Timing rounds per candidate (alternating, median); a candidate slower than PRUNE_FACTOR x the best after its
+# first round is dropped.
+ROUNDS = 3
+PRUNE_FACTOR = 2.0
+
+_memory: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def mode() -> str:
+    return os.environ.get(FORM_ENV, "auto") or "auto"
+
+
+def cpu_description() -> str:
+    """CPU model name and core count: what a cached choice is valid for."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if not model:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return f"{model} x{os.cpu_count()}"
+
+
+def cache_path() -> str:
+    directory = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "resnet_jax"
+    )
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", cpu_description()).strip("_")
+    return os.path.join(directory, f"conv_forms_{slug}_jax{jax.__version__}.json")
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: str, key: str, entry: dict) -> None:
+    """Adds one entry, re-reading the file first so concurrent processes do not drop each other's entries."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        table = _read_cache(path)
+        table[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home still gets the measured choice for this process
+
+
+def shape_key(
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding,
+    feature_group_count: int,
+    dtype,
+    kernel_grad_only: bool,
+) -> str:
+    return (
+        f"x{tuple(x_shape)} k{tuple(kernel_shape)} s{tuple(strides)} p{tuple(map(tuple, padding))} "
+        f"g{feature_group_count} {jnp.dtype(dtype).name}{' kgrad' if kernel_grad_only else ''}"
+    )
+
+
+def time_forms(
+    forms: dict[str, Callable[[jax.Array, jax.Array], jax.Array]],
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    dtype,
+    kernel_grad_only: bool,
+) -> dict[str, float]:
+    """Median seconds of forward + gradients of each form on random data, timed alternating."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape) * 0.01, dtype)
+    argnums = (1,) if kernel_grad_only else (0, 1)
+    steps = {}
+    for name, form in forms.items():
+
+        def loss(x, kernel, form=form):
+            return jnp.sum(jnp.square(form(x, kernel).astype(jnp.float32)))
+
+        step = jax.jit(jax.grad(loss, argnums=argnums))
+        jax.block_until_ready(step(x, kernel))  # compile and warm up
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(ROUNDS):
+        for name in list(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(steps[name](x, kernel))
+            times[name].append(time.perf_counter() - start)
+        if round_index == 0:
+            best = min(t[0] for t in times.values())
+            for name in [n for n, t in times.items() if t[0] > PRUNE_FACTOR * best]:
+                del steps[name]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def choose_form(
+    key: str,
+    forms: dict[str, Callable[[jax.Array, jax.Array], jax.Array]],
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    dtype,
+    kernel_grad_only: bool,
+) -> str:
+    """The fastest of `forms` (name -> f(x, kernel)) for this conv: from memory, the disk cache, or timing."""
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+        path = cache_path()
+        entry = _read_cache(path).get(key)
+        if entry is None or entry.get("form") not in forms:
+            # Outside any trace: jit and run the candidates in a thread of their own (trace state is per thread).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                seconds = pool.submit(
+                    time_forms, forms, x_shape, kernel_shape, dtype, kernel_grad_only
+                ).result()
+            entry = {
+                "form": min(seconds, key=seconds.get),
+                "ms": {name: round(1e3 * s, 3) for name, s in seconds.items()},
+            }
+            _write_cache(path, key, entry)
+        _memory[key] = entry["form"]
+        return entry["form"]
+
+
+def clear_memory() -> None:
+    """Forgets the choices held in memory (the disk cache stays)."""
+    with _lock:
+        _memory.clear()
