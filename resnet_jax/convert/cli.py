@@ -20,6 +20,7 @@ from resnet_jax.convert.formats import (
     save_variables_checkpoint,
 )
 from resnet_jax.convert.mapping import (
+    CONVERTIBLE_MODELS,
     ConversionError,
     Variables,
     flax_to_torchvision,
@@ -28,7 +29,6 @@ from resnet_jax.convert.mapping import (
     torch_shapes,
     torchvision_to_flax,
 )
-from resnet_jax.models import IMAGENET_MODELS
 
 _EPILOG = """\
 directions:
@@ -37,13 +37,15 @@ directions:
               'variables' = {params, batch_stats} and 'metadata' = {model, num_classes, source}) that the
               trainer can start or fine-tune from.
   to-torch    a resnet_jax variables checkpoint, or a training workdir (its latest checkpoint) -> a
-              torchvision state dict (.pth/.pt via torch.save, or .safetensors), loadable with
-              model.load_state_dict(..., strict=True).
+              torchvision state dict (timm's, for timm's variants such as resnet50d or resnetv2_50x1_bit;
+              .pth/.pt via torch.save, or .safetensors), loadable with model.load_state_dict(..., strict=True).
 
 examples:
   python -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights='DEFAULT').state_dict(), 'resnet50.pth')"
   python -m resnet_jax.convert from-torch resnet50.pth checkpoints/resnet50
   python -m resnet_jax.convert to-torch checkpoints/resnet50 resnet50_back.safetensors
+  python -c "import torch, timm; torch.save(timm.create_model('resnet50d', pretrained=True).state_dict(), 'timm_resnet50d.pth')"
+  python -m resnet_jax.convert from-torch timm_resnet50d.pth checkpoints/resnet50d --model resnet50d
 
 The architecture is read from the weights (or the checkpoint's metadata) unless --model names it.
 Nothing is overwritten without --overwrite, and an old output is replaced only once the new one is complete.
@@ -86,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (from_torch, to_torch):
         sub.add_argument(
             "--model",
-            choices=list(IMAGENET_MODELS),
+            choices=list(CONVERTIBLE_MODELS),
             metavar="NAME",
-            help=f"architecture ({', '.join(IMAGENET_MODELS)}); default: inferred from the weights",
+            help=f"architecture ({', '.join(CONVERTIBLE_MODELS)}); default: inferred from the weights",
         )
         sub.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
@@ -104,7 +106,7 @@ def _infer_or_fail(shapes: Mapping[str, Sequence[int]], source: str) -> str:
         cause = likely_cause(shapes)
         raise ConversionError(
             f"could not tell which architecture {source} holds ({cause or 'no torchvision ResNet layout'}); "
-            f"pass --model, one of: {', '.join(IMAGENET_MODELS)}"
+            f"pass --model, one of: {', '.join(CONVERTIBLE_MODELS)}"
         )
     return name
 
@@ -143,7 +145,8 @@ def _to_torch(args: argparse.Namespace) -> str:
     )
     state_dict = flax_to_torchvision(variables, name)
     save_state_dict_file(state_dict, args.destination)
-    num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 0
+    fc_bias = state_dict.get("fc.bias", state_dict.get("head.fc.bias"))  # timm ResNetV2: head.fc
+    num_classes = fc_bias.shape[0] if fc_bias is not None else 0
     return f"wrote {args.destination}: {name}, {num_classes} classes, {len(state_dict)} tensors, from {args.source}"
 
 

@@ -1,4 +1,4 @@
-"""torchvision state-dict keys and layouts <-> resnet_jax variables: the two directions, and which
+"""torchvision (and timm) state-dict keys and layouts <-> resnet_jax variables: the two directions, and which
 architecture some weights are.
 
 The two layouts hold the same numbers; only names and axis orders differ:
@@ -21,9 +21,9 @@ compute), so it cannot drift from `models.py`.
 
 timm's plain ResNets use torchvision's names and shapes, so their state dicts convert unchanged (timm
 `resnet18/34/50/101/152`, `wide_resnet50_2/101_2`, `resnext50_32x4d`, `resnext101_32x8d/64x4d`, any pretrained
-tag; mind each tag's own preprocessing). timm variants with another structure are refused with a hint that
-names the difference: deep stems (`resnet50d`, ...: keys `conv1.0.weight`), squeeze-excitation (`seresnet50`:
-`.se.`), and block layouts resnet_jax does not define (`resnet26`: "matches none of ...").
+tag; mind each tag's own preprocessing). timm's variants that resnet_jax defines (`models.TIMM_MODELS`:
+ResNet-D, SE-ResNet, ResNetV2 and BiT) convert with timm's own names (`convert/timm.py`). Other timm variants
+are refused with a hint that names the difference (`resnet26`: "matches none of ...").
 """
 
 from __future__ import annotations
@@ -38,13 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax.models import IMAGENET_MODELS, Bottleneck, create_model
+from resnet_jax.convert import timm
+from resnet_jax.models import IMAGENET_MODELS, TIMM_MODELS, Bottleneck, create_model
+from resnet_jax.models_v2 import PreActResNet
 from resnet_jax.tree_diff import diff_shapes, diff_variables
 
 Variables = dict[str, Any]
 StateDict = dict[str, np.ndarray]
 Shape = tuple[int, ...]
 COLLECTIONS = ("params", "batch_stats")
+# torchvision's ImageNet ResNets, then timm's variants: every model with a torch counterpart.
+CONVERTIBLE_MODELS = {**IMAGENET_MODELS, **TIMM_MODELS}
 
 
 class ConversionError(ValueError):
@@ -70,9 +74,12 @@ _LEAF_TO_TORCH = {
 _BLOCK = re.compile(r"stage(\d+)_block(\d+)")
 
 
-def torch_key(collection: str, path: Sequence[str]) -> str:
+def torch_key(
+    collection: str, path: Sequence[str], renames: Mapping[str, str] = _MODULE_TO_TORCH
+) -> str:
     """The torchvision state-dict key of one resnet_jax leaf, e.g.
-    `('params', ('stage1_block1', 'downsample_bn', 'scale'))` -> `'layer1.0.downsample.1.weight'`."""
+    `('params', ('stage1_block1', 'downsample_bn', 'scale'))` -> `'layer1.0.downsample.1.weight'`.
+    `renames` maps module names (timm's v1 variants rename the deep stem and the avg-pool shortcut)."""
     *modules, leaf = path
     parts = []
     for module in modules:
@@ -80,7 +87,7 @@ def torch_key(collection: str, path: Sequence[str]) -> str:
         if block:
             parts.append(f"layer{block.group(1)}.{int(block.group(2)) - 1}")
         else:
-            parts.append(_MODULE_TO_TORCH.get(module, module))
+            parts.append(renames.get(module, module))
     parts.append(_LEAF_TO_TORCH.get((collection, leaf), leaf))
     return ".".join(parts)
 
@@ -126,18 +133,43 @@ class _Entry(NamedTuple):
     torch_shape: Shape
 
 
-# Rank of each name within its parent, in torchvision's registration (= state_dict) order.
+# Rank of each name within its parent, in torchvision's (and timm ResNet's) registration = state_dict order.
 _TORCH_ORDER = {
     name: rank
     for rank, name in enumerate(
-        "conv1 bn1 conv2 bn2 conv3 bn3 layer1 layer2 layer3 layer4 downsample fc "
+        "conv1 bn1 conv2 bn2 conv3 bn3 se layer1 layer2 layer3 layer4 downsample fc fc1 fc2 "
         "weight bias running_mean running_var num_batches_tracked".split()
     )
 }
 
 
-def _torch_sort_key(key: str) -> tuple[int, ...]:
-    return tuple(int(part) if part.isdigit() else _TORCH_ORDER[part] for part in key.split("."))
+class _Naming(NamedTuple):
+    """How one model's leaves are named and shaped in its torch state dict."""
+
+    key: Any  # (collection, path) -> torch key
+    order: dict[str, int]  # rank of each key part within its parent
+    conv_head: (
+        bool  # the classifier is a 1x1 conv (timm ResNetV2's head.fc): weight (out, in, 1, 1)
+    )
+
+    def sort_key(self, key: str) -> tuple[int, ...]:
+        return tuple(int(part) if part.isdigit() else self.order[part] for part in key.split("."))
+
+    def torch_shape(self, path: Sequence[str], shape: Sequence[int]) -> Shape:
+        extra = (1, 1) if self.conv_head and tuple(path) == ("fc", "kernel") else ()
+        return torch_shape(shape) + extra
+
+
+def _naming(name: str) -> _Naming:
+    model = create_model(name, num_classes=0)  # an unbound dataclass: no parameters are built
+    if isinstance(model, PreActResNet):
+        return _Naming(timm.resnetv2_key, timm.RESNETV2_ORDER, conv_head=True)
+    renames = dict(_MODULE_TO_TORCH)
+    if model.stem == "deep":
+        renames |= timm.DEEP_STEM_TO_TORCH
+    if model.shortcut == "avg_pool":
+        renames |= timm.AVG_POOL_SHORTCUT_TO_TORCH
+    return _Naming(functools.partial(torch_key, renames=renames), _TORCH_ORDER, conv_head=False)
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,24 +185,24 @@ def _abstract_variables(name: str, num_classes: int) -> Variables:
 
 @functools.lru_cache(maxsize=32)
 def _layout(name: str, num_classes: int) -> dict[str, _Entry]:
-    """torchvision key -> where the value lives in resnet_jax, in torchvision's state_dict order."""
+    """torch key -> where the value lives in resnet_jax, in torchvision's (timm's) state_dict order."""
+    naming = _naming(name)
     table = {}
-    flat = traverse_util.flatten_dict(
-        {c: _abstract_variables(name, num_classes)[c] for c in COLLECTIONS}
-    )
+    variables = _abstract_variables(name, num_classes)
+    flat = traverse_util.flatten_dict({c: variables.get(c, {}) for c in COLLECTIONS})
     for (collection, *path), leaf in flat.items():
-        key = torch_key(collection, path)
-        table[key] = _Entry(collection, tuple(path), torch_shape(leaf.shape))
+        key = naming.key(collection, path)
+        table[key] = _Entry(collection, tuple(path), naming.torch_shape(path, leaf.shape))
         if collection == "batch_stats" and path[-1] == "mean":
             table[key.rsplit(".", 1)[0] + ".num_batches_tracked"] = _Entry(None, (), ())
-    return {key: table[key] for key in sorted(table, key=_torch_sort_key)}
+    return {key: table[key] for key in sorted(table, key=naming.sort_key)}
 
 
 def _check_name(name: str) -> None:
-    if name not in IMAGENET_MODELS:
+    if name not in CONVERTIBLE_MODELS:
         raise ConversionError(
-            f"no torchvision layout for model {name!r}; conversion covers the ImageNet-family models: "
-            f"{', '.join(IMAGENET_MODELS)}"
+            f"no torchvision/timm layout for model {name!r}; conversion covers the ImageNet-family "
+            f"models: {', '.join(CONVERTIBLE_MODELS)}"
         )
 
 
@@ -184,8 +216,12 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> str | None:
     """The resnet_jax name whose torchvision layout these `{key: shape}` have, or None.
 
     Reads the structure, not the numbers: blocks per stage from the `layerS.B` indices, the block type from
-    `layer1.0.conv3`, groups and width per group from the shape of `layer1.0.conv2.weight`.
+    `layer1.0.conv3`, groups and width per group from the shape of `layer1.0.conv2.weight`; timm's variants
+    from their own keys (`convert.timm.structure`: deep stem, avg-pool shortcut, SE, ResNetV2, GroupNorm).
     """
+    found = timm.structure(shapes)
+    if found is not None:
+        return _infer_timm_variant(found)
     stage_sizes = []
     for stage in range(1, 5):
         blocks = {int(m.group(1)) for k in shapes if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
@@ -209,6 +245,27 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> str | None:
     return None
 
 
+def _infer_timm_variant(found: Mapping[str, Any]) -> str | None:
+    for name in TIMM_MODELS:
+        model = create_model(name, num_classes=0)
+        if tuple(model.stage_sizes) != found["stage_sizes"]:
+            continue
+        if found["family"] == "v2":
+            fields = {"norm": model.norm} if isinstance(model, PreActResNet) else None
+        elif isinstance(model, PreActResNet):
+            fields = None
+        else:
+            fields = {
+                "stem": model.stem,
+                "shortcut": model.shortcut,
+                "squeeze_excite": model.squeeze_excite,
+                "bottleneck": model.block_cls is Bottleneck,
+            }
+        if fields is not None and all(found[field] == value for field, value in fields.items()):
+            return name
+    return None
+
+
 def likely_cause(shapes: Mapping[str, Sequence[int]], name: str = "") -> str:
     """One sentence on why these torchvision-style `{key: shape}` do not fit `name` (or any model), or ""."""
     top_level = {key.split(".", 1)[0] for key in shapes}
@@ -218,23 +275,41 @@ def likely_cause(shapes: Mapping[str, Sequence[int]], name: str = "") -> str:
             f"every key starts with {prefix + '.'!r} (e.g. saved from DistributedDataParallel or inside a "
             f"wrapper model): strip it (CLI: --strip-prefix {prefix}.)"
         )
-    if "conv1.0.weight" in shapes:
-        return "a deep stem (conv1.0, conv1.1, ...: timm resnet*d/c/s/t), which resnet_jax does not define"
-    if any(".se." in key for key in shapes):
-        return "squeeze-excitation blocks (timm seresnet*/ecaresnet*), which resnet_jax does not define"
     guess = infer_architecture(shapes)
     if guess is not None and guess != name:
         return f"this looks like {guess} weights, not {name}"
-    if guess is None and "layer1.0.conv2.weight" in shapes:
-        return "the block structure matches none of: " + ", ".join(IMAGENET_MODELS)
+    if guess is None and "conv1.0.weight" in shapes:
+        return (
+            "a deep stem (conv1.0, conv1.1, ...: timm resnet*d/c/s/t) of a layout resnet_jax does not "
+            "define; it has timm's resnet18d, resnet26d, resnet50d, resnet101d"
+        )
+    if guess is None and any(".se." in key for key in shapes):
+        return (
+            "squeeze-excitation blocks (timm seresnet*/ecaresnet*) of a layout resnet_jax does not "
+            "define; it has timm's seresnet50, seresnet101"
+        )
+    if guess is None and ("layer1.0.conv2.weight" in shapes or "stem.conv.weight" in shapes):
+        return "the block structure matches none of: " + ", ".join(CONVERTIBLE_MODELS)
     return ""
 
 
 def torch_shapes(variables: Mapping[str, Any]) -> dict[str, Shape]:
-    """`{torchvision key: torchvision shape}` of resnet_jax variables: what `infer_architecture` reads."""
+    """`{torch key: torch shape}` of resnet_jax variables: what `infer_architecture` reads.
+
+    The naming is told by the module names: `final_norm` is a pre-activation net (timm ResNetV2), a
+    `stem_conv1` the deep stem that only the ResNet-D variants (avg-pool shortcuts) have here.
+    """
+    params = variables.get("params") or {}
+    if "final_norm" in params:
+        naming = _Naming(timm.resnetv2_key, timm.RESNETV2_ORDER, conv_head=True)
+    elif "stem_conv1" in params:
+        renames = {**_MODULE_TO_TORCH, **timm.DEEP_STEM_TO_TORCH, **timm.AVG_POOL_SHORTCUT_TO_TORCH}
+        naming = _Naming(functools.partial(torch_key, renames=renames), _TORCH_ORDER, False)
+    else:
+        naming = _Naming(torch_key, _TORCH_ORDER, conv_head=False)
     flat = traverse_util.flatten_dict({c: variables.get(c) or {} for c in COLLECTIONS})
     return {
-        torch_key(collection, path): torch_shape(np.shape(leaf))
+        naming.key(collection, path): naming.torch_shape(path, np.shape(leaf))
         for (collection, *path), leaf in flat.items()
     }
 
@@ -244,16 +319,18 @@ def torch_shapes(variables: Mapping[str, Any]) -> dict[str, Shape]:
 
 
 def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
-    """Converts a torchvision (or timm, same layout) ResNet state dict into resnet_jax variables.
+    """Converts a torchvision or timm ResNet state dict into resnet_jax variables.
 
     Args:
-      state_dict: torchvision key -> torch tensor or numpy array, e.g. `torch_model.state_dict()`.
-      name: a resnet_jax ImageNet-family name, e.g. "resnet50" (`resnet_jax.models.IMAGENET_MODELS`).
+      state_dict: torch key -> torch tensor or numpy array, e.g. `torch_model.state_dict()`.
+      name: a resnet_jax name with a torch counterpart, e.g. "resnet50" (torchvision's or timm's, same
+        layout) or "resnet50d", "resnetv2_50x1_bit" (timm's): `CONVERTIBLE_MODELS`.
 
     Returns:
       `{'params': ..., 'batch_stats': ...}` (float32 numpy arrays, copies) for
-      `create_model(name, num_classes)`, where num_classes is the row count of `fc.weight`, or 0 (no
-      classifier) when the state dict has no `fc.weight`. `num_batches_tracked` is accepted and dropped.
+      `create_model(name, num_classes)`, where num_classes is the row count of the classifier weight
+      (`fc.weight`, timm ResNetV2: `head.fc.weight`), or 0 (no classifier) when the state dict has none.
+      `num_batches_tracked` is accepted and dropped. BiT models have an empty `batch_stats`.
 
     Raises:
       ConversionError: unknown name, or keys missing / unexpected / mis-shaped (listed, with the likely
@@ -261,8 +338,8 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
     """
     _check_name(name)
     shapes = {key: tuple(np.shape(value)) for key, value in state_dict.items()}
-    fc_weight = shapes.get("fc.weight")
-    num_classes = fc_weight[0] if fc_weight is not None and len(fc_weight) == 2 else 0
+    fc_weight = shapes.get(_naming(name).key("params", ("fc", "kernel")))
+    num_classes = fc_weight[0] if fc_weight is not None and len(fc_weight) >= 2 else 0
     layout = _layout(name, num_classes)
     # num_batches_tracked is optional: expected only where the state dict has it.
     expected = {
@@ -278,18 +355,23 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], name: str) -> Variables:
                 likely_cause(shapes, name),
             )
         )
-    flat = {
-        (entry.collection, *entry.path): _from_torch_layout(numpy_view(state_dict[key]))
-        for key, entry in layout.items()
-        if entry.collection is not None
-    }
+    flat = {}
+    for key, entry in layout.items():
+        if entry.collection is None:
+            continue
+        value = numpy_view(state_dict[key])
+        if _conv_head(entry):
+            # timm ResNetV2's classifier is a 1x1 conv, ours a Dense: (out, in, 1, 1) -> (out, in).
+            value = value.reshape(entry.torch_shape[:2])
+        flat[(entry.collection, *entry.path)] = _from_torch_layout(value)
     return {"params": {}, "batch_stats": {}} | traverse_util.unflatten_dict(flat)
 
 
 def flax_to_torchvision(variables: Mapping[str, Any], name: str) -> StateDict:
-    """Converts resnet_jax variables into a torchvision state dict of numpy arrays.
+    """Converts resnet_jax variables into a torchvision (or timm, for `TIMM_MODELS`) state dict of numpy arrays.
 
-    The keys are exactly those of `torchvision.models.<name>(num_classes=n).state_dict()`, in the same order,
+    The keys are exactly those of `torchvision.models.<name>(num_classes=n).state_dict()` (timm:
+    `timm.create_model(name, num_classes=n).state_dict()`), in the same order,
     including `num_batches_tracked` (int64, 0-d, value 0: resnet_jax keeps no such counter), so
     `torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)` accepts them.
     A model without a classifier (num_classes 0) gives no `fc` keys: load it into a torchvision model whose
@@ -321,5 +403,10 @@ def flax_to_torchvision(variables: Mapping[str, Any], name: str) -> StateDict:
         if entry.collection is None:
             state_dict[key] = np.array(0, dtype=np.int64)
         else:
-            state_dict[key] = _to_torch_layout(numpy_view(flat[(entry.collection, *entry.path)]))
+            value = _to_torch_layout(numpy_view(flat[(entry.collection, *entry.path)]))
+            state_dict[key] = value.reshape(entry.torch_shape)  # a view of the fresh copy
     return state_dict
+
+
+def _conv_head(entry: _Entry) -> bool:
+    return entry.path == ("fc", "kernel") and len(entry.torch_shape) == 4
