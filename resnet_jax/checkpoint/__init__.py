@@ -1,4 +1,4 @@
-"""Checkpoints, in three modules:
+"""Checkpoints, in four modules:
 
 - `variables`: a model's `{'params', 'batch_stats'}` on their own. `save_variables` writes a variables
   checkpoint (what `python -m resnet_jax.convert` produces); `load_variables` reads the variables from one, or
@@ -6,6 +6,8 @@
   fine-tuning never import Grain.
 - `checkpointer`: `TrainingCheckpointer`, the trainer's Orbax `CheckpointManager` for the whole run (TrainState,
   Grain iterator position, config): save, preserve, resume.
+- `resume`: `restore_newest_usable`, what a run resumes from: damaged checkpoints moved aside to
+  `checkpoints/unusable/`, config changes that break the state refused, the rest logged.
 - `preemption`: `PreemptionWatcher` (SIGTERM as a flag in a single process) and `preemption_message`.
 
 This package re-exports only the variables I/O; import the trainer's parts from their modules, e.g.
