@@ -359,7 +359,7 @@ def test_resume_skips_a_truncated_state_file_and_non_finite_values(tmp_path):
     assert_states_equal(restored, states[1])
     moved = sorted(os.listdir(checkpoints / "unusable"))
     # Small arrays' headers live beside their data: the metadata read already fails.
-    assert moved[0] == "2.non-finite" and moved[1] in ("3.restore-failed", "3.unreadable-state")
+    assert moved[0] == "2.non-finite" and moved[1] in ("3.bad-state-data", "3.unreadable-state")
 
 
 def test_no_usable_checkpoint_is_one_error_listing_each_one_tried(tmp_path):
@@ -410,7 +410,15 @@ def test_allowed_config_changes_are_logged_in_one_line(tmp_path, caplog):
 
 
 def test_config_changes_refused_are_those_that_break_the_state():
-    base = {"model": "resnet18", "ema_decay": 0.0, "grad_clip_norm": 0.0, "dtype": "float32"}
+    base = {
+        "model": "resnet18",
+        "optimizer": "sgd",
+        "ema_decay": 0.0,
+        "grad_clip_norm": 0.0,
+        "dtype": "float32",
+    }
+    assert config_changes(base, {**base, "model": "resnet34"}).refused() == ["model"]
+    assert config_changes(base, {**base, "optimizer": "adamw"}).refused() == ["optimizer"]
     assert config_changes(base, {**base, "ema_decay": 0.9}).refused() == ["ema_decay"]
     assert config_changes(base, {**base, "grad_clip_norm": 1.0}).refused() == ["grad_clip_norm"]
     assert config_changes(base, {**base, "dtype": "bfloat16"}).refused() == []  # state stays f32

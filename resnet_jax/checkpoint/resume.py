@@ -230,6 +230,7 @@ def _slug(problem: str) -> str:
     for needle, slug in (
         ("_METADATA is missing", "missing-state-metadata"),
         ("metadata is unreadable", "unreadable-state"),
+        ("array file", "bad-state-data"),
         ("data iterator", "bad-data-file"),
         ("non-finite", "non-finite"),
         ("process(es)", "unreadable-on-another-process"),
@@ -309,7 +310,11 @@ def restore_newest_usable(
                 raise
             # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
             except Exception as e:
-                problem = f"restoring it failed ({_short(e)})"
+                problem = (
+                    "an array file in state/ is truncated or corrupt"
+                    if "reading array" in str(e)
+                    else "restoring it failed"
+                ) + f" ({_short(e)})"
             else:
                 problem = check(state) if check is not None else None
             problem = _agree(problem)
