@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import portpicker
 import pytest
 from flax import struct
 
@@ -445,3 +446,81 @@ def test_a_state_that_does_not_fit_starts_with_a_summary_and_writes_the_full_lis
     report = tmp_path / MISMATCH_REPORT
     assert lines[-1] == f"the full lists: {report}"
     assert report.read_text().count("params/extra") == 25
+
+
+# Two processes (2 CPU devices each) save steps 1-3 with their Grain iterators; process 1's iterator file of
+# step 3 is then deleted. Only process 1 sees the damage, yet both must move step 3 aside and resume step 2.
+_TWO_PROCESS_RESUME = textwrap.dedent(
+    """
+    import os, sys
+    import jax
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=60)
+    import grain, jax.numpy as jnp, numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+    from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
+    from resnet_jax.checkpoint.resume import restore_newest_usable
+
+    replicated = NamedSharding(jax.make_mesh((4,), ("data",)), PartitionSpec())
+
+    def state(value):
+        return {"step": jax.device_put(jnp.asarray(value, jnp.int32), replicated),
+                "w": jax.device_put(jnp.full((4,), float(value)), replicated)}
+
+    def loader():
+        return iter(grain.DataLoader(
+            data_source=np.arange(40), operations=[grain.transforms.Batch(batch_size=2)],
+            sampler=grain.samplers.IndexSampler(num_records=40, shard_options=grain.sharding.ShardByJaxProcess(),
+                                                shuffle=False, num_epochs=1),
+            worker_count=0))
+
+    iterator = loader()
+    with TrainingCheckpointer(workdir, save_every_steps=1, max_to_keep=5, keep_best=0) as checkpointer:
+        for step in (1, 2, 3):
+            next(iterator)
+            checkpointer.save(step, state(step), iterator)
+            checkpointer.wait_until_finished()
+    multihost_utils.sync_global_devices("saved")
+    if process_id == 1:
+        os.remove(os.path.join(workdir, "checkpoints", "3", "data", "process_1-of-2.json"))
+    multihost_utils.sync_global_devices("damaged")
+    fresh = loader()
+    with TrainingCheckpointer(workdir, save_every_steps=1, max_to_keep=5, keep_best=0) as checkpointer:
+        step, restored = restore_newest_usable(checkpointer, state(0), fresh)
+        print(f"resumed {step} w {float(restored['w'].addressable_data(0)[0])} next {next(fresh).tolist()}")
+        print(f"steps {checkpointer.all_steps()}")
+    """
+)
+
+
+def test_two_processes_agree_to_move_aside_a_checkpoint_only_one_of_them_cannot_read(tmp_path):
+    port = str(portpicker.pick_unused_port())
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_RESUME, str(i), port, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [process.communicate(timeout=240) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        assert "resumed 2 w 2.0" in stdout and "steps [1, 2]" in stdout, stdout
+        assert stderr.count("checkpoint 3 is unusable") == 1
+    assert "process(es) [1] could not read" in outputs[0][1]
+    assert "data iterator file data/process_1-of-2.json is missing" in outputs[1][1]
+    # Each process's half of the records (0-19, 20-39), two batches of 2 consumed before step 2's save.
+    assert "next [4, 5]" in outputs[0][0] and "next [24, 25]" in outputs[1][0]
+    # Named by process 0, which renames it: its reason is the other process's.
+    assert os.listdir(tmp_path / "checkpoints" / "unusable") == ["3.unreadable-on-another-process"]

@@ -184,6 +184,8 @@ class TrainingCheckpointer:
         while os.path.exists(destination):
             suffix += 1
             destination = os.path.join(unusable, f"{step}.{reason}.{suffix}")
+        if jax.process_count() > 1:  # every process has named the destination before it exists
+            multihost_utils.sync_global_devices(f"resnet_jax: moving checkpoint {step} aside")
         if jax.process_index() == 0:
             os.makedirs(unusable, exist_ok=True)
             os.rename(self.step_directory(step), destination)
