@@ -161,7 +161,9 @@ def summarize(
     for path, leaf in traverse_util.flatten_dict(variables["params"], sep="/").items():
         part = _part(path)
         params_by_part[part] = params_by_part.get(part, 0) + math.prod(leaf.shape)
-    num_batch_stats = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["batch_stats"]))
+    # The GroupNorm nets (BiT) keep no running statistics: no batch_stats collection at all.
+    batch_stats = variables.get("batch_stats", {})
+    num_batch_stats = sum(math.prod(x.shape) for x in jax.tree.leaves(batch_stats))
 
     features = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), variables, image)
     output_shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}

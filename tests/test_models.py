@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from resnet_jax import create_model, list_models
-from resnet_jax.models import CIFAR_MODELS, IMAGENET_MODELS, BasicBlock, Bottleneck, ResNet
+from resnet_jax.models import (
+    CIFAR_MODELS,
+    IMAGENET_MODELS,
+    TIMM_MODELS,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+)
 
 
 def count_params(model, image_size=32):
@@ -17,7 +24,7 @@ def count_params(model, image_size=32):
 
 
 def test_list_models_has_torchvision_and_paper_names():
-    assert list_models() == list(IMAGENET_MODELS) + list(CIFAR_MODELS)
+    assert list_models() == list(IMAGENET_MODELS) + list(TIMM_MODELS) + list(CIFAR_MODELS)
     assert {"resnet50", "resnext101_64x4d", "wide_resnet101_2", "cifar_resnet110"} <= set(
         list_models()
     )
@@ -77,7 +84,7 @@ def test_eval_apply_gives_logits_and_train_apply_updates_batch_stats():
     assert not np.allclose(old_mean, new_mean)
 
 
-def test_bn_running_mean_update_uses_torch_equivalent_momentum():
+def test_bn_running_mean_and_var_updates_use_torch_equivalent_momentum():
     model = create_model("cifar_resnet20", num_classes=10)
     images = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 2.0 + 1.0
     variables = model.init(jax.random.key(1), images)
@@ -92,6 +99,12 @@ def test_bn_running_mean_update_uses_torch_equivalent_momentum():
     expected = 0.1 * conv_out.mean(axis=(0, 1, 2))  # torch: (1 - 0.1) * 0 + 0.1 * batch_mean
     np.testing.assert_allclose(
         updates["batch_stats"]["stem_bn"]["mean"], expected, rtol=1e-5, atol=1e-6
+    )
+    # torch: (1 - 0.1) * 1 + 0.1 * batch_var, but with the unbiased batch variance; flax's is the biased one
+    # (tests/test_torchvision_parity.py checks against torch itself, with the (n - 1) / n factor).
+    expected_var = 0.9 + 0.1 * conv_out.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        updates["batch_stats"]["stem_bn"]["var"], expected_var, rtol=1e-5, atol=1e-6
     )
 
 

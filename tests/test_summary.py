@@ -101,3 +101,10 @@ def test_log_model_summary_logs_every_line():
     text = summary.log_model_summary("cifar_resnet20", log=lines.append)
     assert lines == text.splitlines()
     assert "269,722 parameters" in lines[0]
+
+
+def test_groupnorm_model_without_batch_stats_is_summarized():
+    # BiT normalizes with GroupNorm: no running statistics, no batch_stats collection.
+    s = summary.summarize("resnetv2_50x1_bit", image_size=32)
+    assert s.num_batch_stats == 0
+    assert s.macs == summary.summarize("resnetv2_50", image_size=32).macs
