@@ -119,8 +119,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 def error_of(result: subprocess.CompletedProcess) -> str:
-    """The run's `error: ...` message: exit 1, no traceback, the message is the end of stderr."""
-    assert result.returncode == 1, result.stderr[-4000:]
+    """The run's `error: ...` message: exit 1 (or 2, a usage error), no traceback, the end of stderr."""
+    assert result.returncode in (1, 2), result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     start_at = result.stderr.rindex("error: ")
     return result.stderr[start_at + len("error: ") :].strip()

@@ -256,6 +256,60 @@ def _saved_config(checkpointer: TrainingCheckpointer, step: int) -> dict[str, An
         return None
 
 
+def _check_fits(
+    checkpointer: TrainingCheckpointer,
+    step: int,
+    target_state: PyTree,
+    config: Mapping[str, Any] | None,
+) -> ConfigChanges:
+    """Raises IncompatibleCheckpointError for a refused config change or a state that does not fit."""
+    where = f"from checkpoint {step} in {checkpointer.directory}"
+    changes = ConfigChanges({})
+    saved = _saved_config(checkpointer, step)
+    if config is not None and saved is not None:
+        changes = check_config_change(saved, config, where)
+    hint = (
+        f"the config changed since it was written: {changes.describe()}"
+        if changes.changed
+        else "the code that builds the model or the optimizer changed since it was written"
+    )
+    hint += "; resume with the config and code that wrote it, or start a new --workdir"
+    check_structure(
+        checkpointer.saved_state_metadata(step),
+        target_state,
+        where,
+        hint,
+        os.path.join(os.path.dirname(checkpointer.directory), MISMATCH_REPORT),
+    )
+    return changes
+
+
+def _restore(
+    checkpointer: TrainingCheckpointer,
+    step: int,
+    target_state: PyTree,
+    data_iterator: Any | None,
+    check: Callable[[PyTree], str | None] | None,
+) -> tuple[str | None, PyTree]:
+    """`(None, state)`, or `(why it is unusable, None)` as every process agrees."""
+    state = None
+    try:
+        state = checkpointer.restore(step, target_state, data_iterator)
+    except IncompatibleCheckpointError:
+        raise
+    # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
+    except Exception as e:
+        problem = (
+            "an array file in state/ is truncated or corrupt"
+            if "reading array" in str(e)
+            else "restoring it failed"
+        ) + f" ({_short(e)})"
+    else:
+        problem = check(state) if check is not None else None
+    problem = _agree(problem)
+    return problem, (state if problem is None else None)
+
+
 def restore_newest_usable(
     checkpointer: TrainingCheckpointer,
     target_state: PyTree,
@@ -284,40 +338,10 @@ def restore_newest_usable(
     tried: list[str] = []
     while steps := checkpointer.all_steps():
         step = steps[-1]
-        where = f"from checkpoint {step} in {checkpointer.directory}"
         problem = _agree(_readable_problem(checkpointer, step, data_iterator is not None))
         if problem is None:
-            changes = ConfigChanges({})
-            saved = _saved_config(checkpointer, step)
-            if config is not None and saved is not None:
-                changes = check_config_change(saved, config, where)
-            hint = (
-                f"the config changed since it was written: {changes.describe()}"
-                if changes.changed
-                else "the code that builds the model or the optimizer changed since it was written"
-            )
-            hint += "; resume with the config and code that wrote it, or start a new --workdir"
-            check_structure(
-                checkpointer.saved_state_metadata(step),
-                target_state,
-                where,
-                hint,
-                os.path.join(os.path.dirname(checkpointer.directory), MISMATCH_REPORT),
-            )
-            try:
-                state = checkpointer.restore(step, target_state, data_iterator)
-            except IncompatibleCheckpointError:
-                raise
-            # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
-            except Exception as e:
-                problem = (
-                    "an array file in state/ is truncated or corrupt"
-                    if "reading array" in str(e)
-                    else "restoring it failed"
-                ) + f" ({_short(e)})"
-            else:
-                problem = check(state) if check is not None else None
-            problem = _agree(problem)
+            changes = _check_fits(checkpointer, step, target_state, config)
+            problem, state = _restore(checkpointer, step, target_state, data_iterator, check)
             if problem is None:
                 if changes.changed:
                     _log.warning(
