@@ -23,8 +23,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import data, training
 from resnet_jax import config as config_lib
+from resnet_jax import data, training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/, e.g. configs/default.py.", lock_config=True
@@ -118,7 +118,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as e:  # e.g. --config.batch_size=abc, or a missing required flag
-        _exit_with_usage_error(str(e))
+        _exit_with_usage_error(_first_line_and_cause(str(e)))
+    except SyntaxError as e:  # the config file itself does not parse
+        _exit_with_usage_error(f"config file {e.filename}, line {e.lineno}: {e.msg}")
     except (
         KeyError,
         AttributeError,
@@ -141,6 +143,17 @@ def parse_flags(argv: list[str]) -> list[str]:
             + ", ".join(os.path.relpath(r) for r in recipes)
         )
     return remaining
+
+
+def _first_line_and_cause(message: str) -> str:
+    """One line from absl's message: a config file that raised carries its whole traceback, of which the
+    first line, the config file's own frame and the exception itself are what the user needs."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    frames = [line for line in lines if line.startswith('File "') and "site-packages" not in line]
+    where = f" ({frames[-1]})" if frames else ""
+    return f"{lines[0]}{where} {lines[-1]}"
 
 
 def _exit_with_usage_error(message: str) -> None:
@@ -176,7 +189,9 @@ def main(argv: list[str]) -> None:
     )
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, training.NonFiniteLossError, data.DataError) as e:
+    except config_lib.ConfigError as e:
+        _exit_with_usage_error(str(e))  # a bad config is a usage error: exit 2, like a bad flag
+    except (training.NonFiniteLossError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 

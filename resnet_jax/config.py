@@ -141,7 +141,35 @@ def _fraction(upper_open: bool = False) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_number(v) and 0 <= v <= 1), "a number in [0, 1]"
 
 
+def _of_type(kind: type, name: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, kind) and not (kind is int and isinstance(v, bool))), name
+
+
+def _optional_string() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or isinstance(v, str)), "a string, or None for the default"
+
+
+def _boundaries() -> tuple[Callable[[Any], bool], str]:
+    def valid(v: Any) -> bool:
+        return isinstance(v, tuple | list) and all(_is_number(b) and b > 0 for b in v)
+
+    return valid, "a tuple of positive numbers, e.g. (30, 60, 80)"
+
+
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": _of_type(str, "a model name"),
+    "dataset": ((lambda v: isinstance(v, str) and v != ""), "a dataset name or folder:/path"),
+    "data_dir": _optional_string(),
+    "train_split": _optional_string(),
+    "eval_split": _optional_string(),
+    "init_from": _of_type(str, 'a path, or "" to train from scratch'),
+    "zero_init_residual": _of_type(bool, "True or False"),
+    "nesterov": _of_type(bool, "True or False"),
+    "bn_sync": _of_type(bool, "True or False"),
+    "seed": _of_type(int, "an integer"),
+    "num_train_steps": _of_type(int, "an integer (> 0 overrides num_epochs)"),
+    "lr_decay_epochs": _boundaries(),
+    "lr_decay_steps": _boundaries(),
     "dtype": _choice(DTYPES),
     "optimizer": _choice(OPTIMIZERS),
     "lr_schedule": _choice(LR_SCHEDULES),
@@ -196,13 +224,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config lacks key(s) {missing}; start from resnet_jax.config.base_config()"
         )
+    for key, (valid, allowed) in _RULES.items():
+        if not valid(config[key]):
+            raise ConfigError(f"config.{key}={config[key]!r} is invalid; it must be {allowed}")
     if config.model not in list_models():
         raise ConfigError(
             f"config.model={config.model!r} is not a model; choose one of {', '.join(list_models())}"
         )
-    for key, (valid, allowed) in _RULES.items():
-        if not valid(config[key]):
-            raise ConfigError(f"config.{key}={config[key]!r} is invalid; it must be {allowed}")
     if config.augment is not None and config.augment not in AUGMENTS:
         raise ConfigError(
             f"config.augment={config.augment!r} is invalid; it must be one of {list(AUGMENTS)} "
