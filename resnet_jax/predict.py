@@ -13,7 +13,10 @@ the shorter side to `image_size / crop_fraction` (256 for 224), center-crop `ima
 `crop_fraction`, `normalization`: a name or `{"mean": [...], "std": [...]}`) change that.
 
 Class names: the metadata's `class_names`, else the training dataset's, else the ImageNet names when
-the head has 1000 outputs, else class indices.
+the head has 1000 outputs, else class indices. Transparent pixels are composited over white.
+
+A missing, unreadable or corrupt image, or one over `--max_image_pixels`, gets one error line (stderr)
+and exit code 1; the other images are still predicted. A bad checkpoint, model or flag: exit code 2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from resnet_jax.config import base_config
 from resnet_jax.data import DataError, dataset_info, eval_preprocessor, transforms
@@ -40,6 +44,11 @@ NORMALIZATIONS: dict[str, tuple[Sequence[float], Sequence[float]]] = {
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 IMAGENET_CROP_FRACTION = transforms.EVAL_CROP_FRACTION
+# PIL refuses an image over twice Image.MAX_IMAGE_PIXELS as a possible decompression bomb (it only warns
+# between one and two times), so this default refuses nothing that PIL itself would decode.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# What shows through transparent pixels: white, as a viewer shows an image on a page.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 # (class index, class name, probability), most probable first.
 Prediction = list[tuple[int, str, float]]
@@ -55,29 +64,70 @@ def load_image(
     crop_fraction: float = IMAGENET_CROP_FRACTION,
     normalization: str | Mapping[str, Sequence[float]] = "imagenet",
     channels: int = 3,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Reads one image file as a float32 `(image_size, image_size, channels)` array, ready for the model.
 
     As torchvision's eval transform: resize the shorter side to `int(image_size / crop_fraction)`
     (bilinear, antialiased), center-crop, scale to [0, 1], subtract mean and divide by std.
-    `normalization` is a name of NORMALIZATIONS or `{"mean": [...], "std": [...]}`.
+    `normalization` is a name of NORMALIZATIONS or `{"mean": [...], "std": [...]}`. Transparency is
+    composited over ALPHA_BACKGROUND. Raises PredictError, naming the file and why, for a missing or
+    unreadable file or one over `max_image_pixels` (0: no limit).
     """
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise PredictError(f"no image file at {path}")
     mean, std = _mean_std(normalization)
     mode = "L" if channels == 1 else "RGB"
-    try:
-        with Image.open(path) as image:
-            # Decoded in full here, so the crop is torchvision's exactly (no reduced-size JPEG decoding).
-            image = image.convert(mode)
-    except transforms.UNDECODABLE_IMAGE_ERRORS as e:
-        raise PredictError(f"cannot read {path} as an image: {e}") from None
-    pixels = transforms.resize_and_center_crop(image, image_size, crop_fraction, mode=mode)
+
+    def decode(image: Image.Image) -> np.ndarray:
+        # Decoded in full here, so the crop is torchvision's exactly (no reduced-size JPEG decoding).
+        image = composite_alpha(image).convert(mode)
+        return transforms.resize_and_center_crop(image, image_size, crop_fraction, mode=mode)
+
+    pixels = read_image(path, decode, max_image_pixels)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     return transforms.normalize(pixels, mean[:channels], std[:channels])
+
+
+def composite_alpha(
+    image: Image.Image, background: Sequence[int] = ALPHA_BACKGROUND
+) -> Image.Image:
+    """The image as RGB over an opaque `background` if it has an alpha channel or a transparent palette
+    entry or color key, else unchanged: `convert("RGB")` would show the hidden colors (often black)."""
+    if not image.has_transparency_data:
+        return image
+    rgba = image.convert("RGBA")
+    backdrop = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(backdrop, rgba).convert("RGB")
+
+
+def read_image(
+    path: str,
+    decode: Callable[[Image.Image], np.ndarray],
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """`decode(image)` of the file opened lazily, once its header shows at most `max_image_pixels`
+    (0: no limit). A missing, unreadable, corrupt or too large file: a PredictError naming it and why."""
+    if not os.path.isfile(path):
+        raise PredictError(f"no image file at {path}")
+    # PIL's global limit is lifted meanwhile: ours applies instead, and its error states the limit.
+    saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if max_image_pixels and width * height > max_image_pixels:
+                raise PredictError(
+                    f"{path} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{max_image_pixels:,} (a guard against decompression bombs); to read it pass "
+                    f"--max_image_pixels {width * height} or more (0: no limit)"
+                )
+            return decode(image)
+    except UnidentifiedImageError:
+        raise PredictError(f"cannot read {path} as an image: not a format PIL recognizes") from None
+    except transforms.UNDECODABLE_IMAGE_ERRORS as e:
+        reason = str(e) or type(e).__name__
+        raise PredictError(f"cannot read {path} as an image: {reason}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
 
 
 def _mean_std(
@@ -174,7 +224,9 @@ def predict(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m resnet_jax.predict",
-        description="Print the top-k classes with probabilities for image files.",
+        description="Print the top-k classes with probabilities for image files (transparent pixels "
+        "composited over white). An unreadable file gets an error line and exit code 1; the others are "
+        "still predicted.",
     )
     parser.add_argument("images", nargs="+", help="image files (anything PIL reads)")
     parser.add_argument("--checkpoint", required=True, help="variables checkpoint or workdir")
@@ -195,14 +247,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(NORMALIZATIONS),
         help="pixel statistics (default: the checkpoint's, else imagenet)",
     )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse larger images, a guard against decompression bombs (default: where PIL "
+        "refuses, %(default)s; 0: no limit)",
+    )
     args = parser.parse_args(argv)
     try:
-        for line in _run(args):
-            print(line)
+        lines, failures = _run(args)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    for line in lines:
+        print(line)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _training_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -210,24 +272,27 @@ def _training_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**base_config().to_dict(), **saved})
 
 
-def training_eval_preprocessor(config: Mapping[str, Any]) -> Callable[[str], np.ndarray]:
+def training_eval_preprocessor(
+    config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Callable[[str], np.ndarray]:
     """The trainer's own eval transform for a saved training `config`: its resize/crop and its mean/std.
 
     A model trained here expects exactly what its evaluation fed it (e.g. the digits' own statistics,
     a whole-image resize for small-image recipes), so a training checkpoint is preprocessed by the data
-    package rather than by `load_image`'s torchvision defaults.
+    package rather than by `load_image`'s torchvision defaults. Files are read as by `read_image`, and
+    transparency is composited over ALPHA_BACKGROUND as `load_image` does.
     """
     preprocessor = eval_preprocessor(_training_config(config))
 
     def load(path: str) -> np.ndarray:
-        if not os.path.isfile(path):
-            raise PredictError(f"no image file at {path}")
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            return preprocessor.preprocess(raw)
-        except transforms.UNDECODABLE_IMAGE_ERRORS as e:
-            raise PredictError(f"cannot read {path} as an image: {e}") from None
+        def decode(image: Image.Image) -> np.ndarray:
+            if image.has_transparency_data:
+                return preprocessor.preprocess(np.asarray(composite_alpha(image)))
+            # The encoded bytes, as the trainer's eval reads them (a JPEG's reduced-size decoding included).
+            with open(path, "rb") as f:
+                return preprocessor.preprocess(f.read())
+
+        return read_image(path, decode, max_image_pixels)
 
     return load
 
@@ -249,7 +314,7 @@ def _image_loader(
     preprocessing_flags = (args.image_size, args.crop_fraction, args.normalization)
     if config.get("dataset") and all(flag is None for flag in preprocessing_flags):
         try:
-            return training_eval_preprocessor(config)
+            return training_eval_preprocessor(config, args.max_image_pixels)
         except (ImportError, OSError, ValueError) as e:
             raise PredictError(
                 f"cannot rebuild the eval transform of dataset {config['dataset']!r} ({e}); "
@@ -262,21 +327,25 @@ def _image_loader(
     normalization = args.normalization or metadata.get("normalization") or "imagenet"
 
     def load(path: str) -> np.ndarray:
-        return load_image(path, image_size, crop_fraction, normalization, in_channels)
+        return load_image(
+            path, image_size, crop_fraction, normalization, in_channels, args.max_image_pixels
+        )
 
     return load
 
 
-def _run(args: argparse.Namespace) -> list[str]:
+def _load_checkpoint(args: argparse.Namespace) -> tuple[Mapping[str, Any], dict[str, Any], str]:
+    """(variables, metadata, model name) of `--checkpoint`, checked against the flags."""
     from resnet_jax.checkpoint import load_variables
 
     if args.top_k < 1:
         raise PredictError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.max_image_pixels < 0:
+        raise PredictError(
+            f"--max_image_pixels must be >= 0 (0: none), got {args.max_image_pixels}"
+        )
     if args.model is not None and args.model not in list_models():
         raise PredictError(f"unknown model {args.model!r}; available: {', '.join(list_models())}")
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        raise PredictError(f"no image file at {', '.join(missing)}")
     if not os.path.exists(args.checkpoint):
         raise PredictError(f"no checkpoint at {args.checkpoint}")
     try:
@@ -291,20 +360,37 @@ def _run(args: argparse.Namespace) -> list[str]:
         raise PredictError(
             f"the checkpoint holds {metadata['model']!r} but --model is {args.model!r}"
         )
+    return variables, metadata, model_name
+
+
+def _run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(the output lines: each readable image's top-k, in the given order; one error per unreadable image).
+
+    Raises PredictError for what stops every image: the checkpoint, the model or a flag.
+    """
+    variables, metadata, model_name = _load_checkpoint(args)
     config = metadata.get("config") or {}  # present for training checkpoints
     class_names = metadata.get("class_names")
     if class_names is None and config.get("dataset"):
         class_names = _dataset_class_names(config)
     load = _image_loader(args, model_name, metadata, in_channels=_head_shape(variables)[1])
-    batch = np.stack([load(path) for path in args.images])
-    results = predict(variables, model_name, batch, args.top_k, class_names=class_names)
+    readable, images, failures = [], [], []
+    for path in args.images:
+        try:
+            images.append(load(path))
+            readable.append(path)
+        except PredictError as e:
+            failures.append(str(e))
+    if not images:
+        return [], failures
+    results = predict(variables, model_name, np.stack(images), args.top_k, class_names=class_names)
     lines = []
-    for path, prediction in zip(args.images, results, strict=True):
+    for path, prediction in zip(readable, results, strict=True):
         lines.append(path)
         for rank, (index, name, prob) in enumerate(prediction, start=1):
             label = f"{name} (class {index})" if name != str(index) else f"class {index}"
             lines.append(f"  {rank}. {prob:7.2%}  {label}")
-    return lines
+    return lines, failures
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`python -m resnet_jax.predict`: top-k classes of a saved checkpoint on generated image files."""
 
 import os
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -107,17 +109,13 @@ def test_cli_prints_top_k_with_checkpoint_class_names(checkpoint_10, image_files
     [
         (["--model", "resnet51"], "unknown model 'resnet51'"),
         (["--model", "resnet18"], "holds 'cifar_resnet20' but --model is 'resnet18'"),
-        (["missing.jpg"], "no image file at missing.jpg"),
+        (["--max_image_pixels", "-1"], "--max_image_pixels must be >= 0"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(
     checkpoint_10, image_files, capsys, argv_tail, message
 ):
-    argv = ["--checkpoint", checkpoint_10, image_files[0]]
-    if argv_tail[0].startswith("--"):
-        argv += argv_tail
-    else:
-        argv = ["--checkpoint", checkpoint_10, *argv_tail]
+    argv = ["--checkpoint", checkpoint_10, image_files[0], *argv_tail]
     assert predict.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
@@ -169,3 +167,146 @@ def test_cli_on_a_training_checkpoint_names_the_dataset_classes(tmp_path, capsys
     out = capsys.readouterr().out.splitlines()
     # Digits are named "0".."9": each of the ten ranks shows a distinct class.
     assert sorted(line.split("class ")[1] for line in out[1:]) == [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory):
+    """What load_variables returns for a training workdir: the run's config rides along."""
+    path = str(tmp_path_factory.mktemp("workdir") / "ckpt")
+    config = {"dataset": "digits", "image_size": 32, "model": MODEL}
+    save_variables(
+        path, _random_variables(10), {"model": MODEL, "num_classes": 10, "config": config}
+    )
+    return path
+
+
+# Both preprocessing paths: torchvision's eval transform (converted checkpoints) and the trainer's own.
+CHECKPOINT_KINDS = ["checkpoint_10", "training_checkpoint"]
+
+
+def _png_header(path, width: int, height: int) -> str:
+    """A PNG that declares width x height RGB pixels but holds no pixel data: huge and tiny at once."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def _run_cli(argv, capsys) -> tuple[int, list[str], list[str]]:
+    code = predict.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err.splitlines()
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_cli_predicts_the_good_images_and_gives_one_line_per_unreadable_one(
+    kind, request, image_files, tmp_path, capsys
+):
+    checkpoint = request.getfixturevalue(kind)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)).save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    good_only = _run_cli(["--checkpoint", checkpoint, *image_files], capsys)
+    assert good_only[0] == 0 and good_only[2] == []
+
+    mixed = [image_files[0], str(not_an_image), image_files[1], str(truncated)]
+    code, out, err = _run_cli(["--checkpoint", checkpoint, *mixed], capsys)
+
+    assert code == 1
+    assert out == good_only[1]  # the good images' predictions, unchanged by the bad ones
+    assert len(err) == 2 and all(line.startswith("error: cannot read ") for line in err)
+    assert str(not_an_image) in err[0] and "not a format PIL recognizes" in err[0]
+    assert str(truncated) in err[1] and "truncated" in err[1]
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_cli_missing_file_is_one_error_line_and_the_others_are_predicted(
+    kind, request, image_files, capsys
+):
+    checkpoint = request.getfixturevalue(kind)
+    code, out, err = _run_cli(["--checkpoint", checkpoint, image_files[0], "missing.jpg"], capsys)
+    assert code == 1
+    assert out[0] == image_files[0] and len(out) == 6  # the path and its top 5
+    assert err == ["error: no image file at missing.jpg"]
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_cli_refuses_an_image_over_max_image_pixels_naming_the_limit_and_the_flag(
+    kind, request, image_files, tmp_path, capsys
+):
+    checkpoint = request.getfixturevalue(kind)
+    # The limit is the ramp's 48x48 exactly: it is read, one more row is not.
+    Image.fromarray(np.zeros((49, 48), np.uint8)).save(tmp_path / "big.png")
+    argv = ["--checkpoint", checkpoint, "--max_image_pixels", "2304", *image_files]
+    code, out, err = _run_cli([*argv, str(tmp_path / "big.png")], capsys)
+    assert code == 1
+    assert [line for line in out if not line.startswith(" ")] == image_files
+    assert len(err) == 1 and str(tmp_path / "big.png") in err[0]
+    assert "48x49 = 2,352 pixels, over the limit of 2,304" in err[0]
+    assert "--max_image_pixels 2352" in err[0]
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_cli_refuses_a_196_megapixel_png_by_default_with_pils_limit(
+    kind, request, image_files, tmp_path, capsys
+):
+    checkpoint = request.getfixturevalue(kind)
+    huge = _png_header(tmp_path / "huge.png", 14_000, 14_000)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    code, out, err = _run_cli(["--checkpoint", checkpoint, huge, image_files[0]], capsys)
+    assert code == 1 and out[0] == image_files[0]
+    assert len(err) == 1 and huge in err[0] and "196,000,000 pixels" in err[0]
+    assert f"limit of {2 * pil_limit:,}" in err[0] and "--max_image_pixels 196000000" in err[0]
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # lifted only while reading
+
+
+def test_max_image_pixels_0_reads_an_image_over_pils_own_limit(
+    checkpoint_10, image_files, monkeypatch, capsys
+):
+    # PIL would now refuse the 40x56 JPEG (over twice 1000 pixels) as a decompression bomb.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    argv = ["--checkpoint", checkpoint_10, "--max_image_pixels", "0", image_files[0]]
+    code, out, err = _run_cli(argv, capsys)
+    assert (code, out[0], err) == (0, image_files[0], [])
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def _transparent_images():
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.info["transparency"] = 0  # index 0, stored as black, is fully transparent
+    return [
+        # (image, its expected RGB over white)
+        (Image.new("RGBA", (8, 8), (255, 0, 0, 128)), (255, 127, 127)),  # half-transparent red
+        (Image.new("LA", (8, 8), (0, 64)), (191, 191, 191)),  # quarter-opaque black
+        (palette, (255, 255, 255)),
+        (Image.new("RGBA", (8, 8), (255, 0, 0, 255)), (255, 0, 0)),  # opaque: unchanged
+    ]
+
+
+@pytest.mark.parametrize(
+    "image, expected_rgb", _transparent_images(), ids=["RGBA", "LA", "P", "opaque"]
+)
+def test_transparency_is_composited_over_white(image, expected_rgb, tmp_path):
+    image.save(tmp_path / "alpha.png")
+    pixels = predict.load_image(str(tmp_path / "alpha.png"), 8, 1.0, normalization="none")
+    # Bilinear resizing of a uniform image keeps it uniform; 1/255: one level of rounding.
+    np.testing.assert_allclose(
+        pixels, np.broadcast_to(expected_rgb, (8, 8, 3)) / 255, atol=1.01 / 255
+    )
+
+    # The trainer's preprocessing path composites the same way: as an opaque file of the expected color.
+    Image.new("RGB", (8, 8), tuple(int(round(c)) for c in pixels[0, 0] * 255)).save(
+        tmp_path / "rgb.png"
+    )
+    load = predict.training_eval_preprocessor({"dataset": "digits", "image_size": 32})
+    np.testing.assert_array_equal(
+        load(str(tmp_path / "alpha.png")), load(str(tmp_path / "rgb.png"))
+    )
