@@ -7,6 +7,7 @@ ResNet-D average-pool downsample and weight standardization.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,20 +90,22 @@ def standardize_kernel(kernel: jax.Array, epsilon: float) -> jax.Array:
     return ((kernel32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(kernel.dtype)
 
 
-def weight_standardized(conv: ModuleDef, epsilon: float) -> ModuleDef:
-    """The injected conv, computing with the standardized kernel; the stored `kernel` stays the raw one.
+@functools.cache
+def weight_standardized(conv: type[nn.Module], epsilon: float) -> type[nn.Module]:
+    """The conv class `conv`, computing with its kernel standardized; the stored `kernel` stays the raw one.
 
-    A variable transform rather than another conv class, so that any conv implementation (`nn.Conv`,
-    `resnet_jax.conv.CpuConv`) keeps its parameters, names and speed.
+    A subclass whose `param` standardizes the kernel it hands to the conv, so that any conv implementation
+    (`nn.Conv`, `resnet_jax.conv.CpuConv`) keeps its parameter names, initialization and speed, and
+    `init`/`apply` work with any mutable collections (a lifted `nn.map_variables` breaks `apply` with
+    `mutable=[...]`).
     """
 
-    def standardize(variables: dict[str, Any]) -> dict[str, Any]:
-        params = variables.get("params", {})
-        if "kernel" not in params:  # during init, before the conv has created its kernel
-            return variables
-        return {
-            **variables,
-            "params": {**params, "kernel": standardize_kernel(params["kernel"], epsilon)},
-        }
+    class WeightStandardizedConv(conv):
+        def param(self, name: str, init_fn: Callable, *init_args: Any, **init_kwargs: Any) -> Any:
+            value = super().param(name, init_fn, *init_args, **init_kwargs)
+            return standardize_kernel(value, epsilon) if name == "kernel" else value
 
-    return nn.map_variables(conv, "params", trans_in_fn=standardize, init=True)
+    WeightStandardizedConv.__name__ = WeightStandardizedConv.__qualname__ = (
+        f"WeightStandardized{conv.__name__}"
+    )
+    return WeightStandardizedConv

@@ -128,16 +128,17 @@ class PreActResNet(nn.Module):
                 f"ResNet expects NHWC images of shape (batch, height, width, {self.in_channels}); "
                 f"got shape {tuple(x.shape)}. Convert NCHW with x.transpose(0, 2, 3, 1)."
             )
+        conv = self.conv
+        if self.norm == "group":
+            conv = weight_standardized(conv, WEIGHT_STANDARDIZATION_EPSILON)
         conv = functools.partial(
-            self.conv,
+            conv,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=conv_kernel_init,
         )
         norm = self._norm(train)
-        if self.norm == "group":
-            conv = weight_standardized(conv, WEIGHT_STANDARDIZATION_EPSILON)
         dropout = functools.partial(nn.Dropout, self.dropout_rate, deterministic=not train)
 
         outputs = {}
