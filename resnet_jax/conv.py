@@ -44,9 +44,6 @@ Padding = Sequence[tuple[int, int]]
 # 16x16 and loses at 32x32.
 SMALL_MAP = 8
 TAP_GRAD_MAP = 16
-# 3x3 stride-1 convs with outputs of at least WINOGRAD_MAP in both dimensions use Winograd F(4x4, 3x3) when
-# nothing was timed (see static_form).
-WINOGRAD_MAP = 8
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -261,17 +258,12 @@ def static_form(
     kh, kw = kernel_shape[:2]
     out_h = _output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = _output_size(x_shape[2], kw, strides[1], padding[1])
-    if kh == kw == 1:
+    if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
         return "im2col"
-    # F(4x4) wastes little on maps of two tiles or more, and computed 3x3 stride-1 convs in half lax's time
-    # on both CPUs measured (benchmarks/README.md).
-    if (
-        form_supports("winograd4", kernel_shape, strides, padding, 1, dtype)
-        and min(out_h, out_w) >= WINOGRAD_MAP
-    ):
+    # Beyond SMALL_MAP, F(4x4) took 0.6-0.8x lax's time for forward + gradients on the Intel CPU measured and
+    # about half on the AMD one (benchmarks/README.md).
+    if form_supports("winograd4", kernel_shape, strides, padding, 1, dtype):
         return "winograd4"
-    if out_h <= SMALL_MAP and out_w <= SMALL_MAP:
-        return "im2col"
     if out_h > TAP_GRAD_MAP or out_w > TAP_GRAD_MAP:
         return "lax"
     return "tap_grad"
@@ -306,9 +298,11 @@ def select_form(
     padding: Padding | str,
     feature_group_count: int = 1,
     dtype: Dtype = jnp.float32,
+    mode: str | None = None,
 ) -> str:
-    """The form `cpu_conv` runs for this conv, per `RESNET_JAX_CONV_FORM` (see resnet_jax.conv_autotune)."""
-    mode = conv_autotune.mode()
+    """The form `cpu_conv` runs for this conv: per `mode`, by default `RESNET_JAX_CONV_FORM` (auto, static or a
+    form name; see resnet_jax.conv_autotune)."""
+    mode = mode or conv_autotune.mode()
     static = static_form(x_shape, kernel_shape, strides, padding, feature_group_count, dtype)
     if mode == "static":
         return static
@@ -356,16 +350,20 @@ def cpu_conv(
     padding: Padding | str,
     feature_group_count: int = 1,
     tap_kernel_grad: bool = True,
+    form: str | None = None,
 ) -> jax.Array:
     """The fastest of the equivalent forms on XLA:CPU for this shape (`select_form`; module docstring).
 
-    `tap_kernel_grad=False` keeps XLA's own kernel gradient where the choice is the per-tap one (kept for
-    measuring what the per-tap kernel gradient buys).
+    `form` overrides `RESNET_JAX_CONV_FORM` for this call (auto, static or a form name). `tap_kernel_grad=False`
+    keeps XLA's own kernel gradient where the choice is the per-tap one (kept for measuring what the per-tap
+    kernel gradient buys).
     """
     strides = tuple(strides)
     if not isinstance(padding, str):
         padding = tuple(tuple(p) for p in padding)
-    name = select_form(x.shape, kernel.shape, strides, padding, feature_group_count, x.dtype)
+    name = select_form(
+        x.shape, kernel.shape, strides, padding, feature_group_count, x.dtype, mode=form
+    )
     if name == "tap_grad" and not tap_kernel_grad:
         name = "lax"
     return FORMS[name](x, kernel, strides, padding, feature_group_count)
@@ -389,6 +387,9 @@ class CpuConv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
     tap_kernel_grad: bool = True
+    form: str | None = (
+        None  # None: RESNET_JAX_CONV_FORM (default auto); else auto, static or a form name
+    )
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -416,7 +417,15 @@ class CpuConv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = cpu_conv(x, kernel, strides, padding, self.feature_group_count, self.tap_kernel_grad)
+        y = cpu_conv(
+            x,
+            kernel,
+            strides,
+            padding,
+            self.feature_group_count,
+            self.tap_kernel_grad,
+            self.form,
+        )
         if bias is not None:
             y = y + bias
         return y
