@@ -2,12 +2,14 @@
 
 - `mapping`: the key and layout table (derived from `models.py`), `torchvision_to_flax` /
   `flax_to_torchvision`, and `infer_architecture` (which resnet_jax model some weights are).
+- `timm`: timm's own names for its variants (ResNet-D, SE-ResNet, ResNetV2, BiT) and how to recognize them.
 - `formats`: the files: torch state dicts (.pth/.pt read only with `weights_only=True`; .safetensors without
   torch) and resnet_jax variables checkpoints, each output replaced atomically.
 - `cli`: the command line (`python -m resnet_jax.convert --help`):
 
   python -m resnet_jax.convert from-torch resnet50.pth ckpt/resnet50        # .pth/.pt/.safetensors -> Orbax
   python -m resnet_jax.convert to-torch ckpt/resnet50 resnet50_ft.safetensors  # Orbax -> .pth/.safetensors
+  python -m resnet_jax.convert from-torch timm_resnet50d.pth ckpt/resnet50d --model resnet50d  # timm's names
 
 Converting never imports Grain (nor torch, unless a torch file is read or written).
 """

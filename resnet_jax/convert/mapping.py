@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -146,11 +146,10 @@ _TORCH_ORDER = {
 class _Naming(NamedTuple):
     """How one model's leaves are named and shaped in its torch state dict."""
 
-    key: Any  # (collection, path) -> torch key
+    key: Callable[[str, Sequence[str]], str]  # (collection, path) -> torch key
     order: dict[str, int]  # rank of each key part within its parent
-    conv_head: (
-        bool  # the classifier is a 1x1 conv (timm ResNetV2's head.fc): weight (out, in, 1, 1)
-    )
+    # The classifier is a 1x1 conv (timm ResNetV2's head.fc): weight (out, in, 1, 1).
+    conv_head: bool
 
     def sort_key(self, key: str) -> tuple[int, ...]:
         return tuple(int(part) if part.isdigit() else self.order[part] for part in key.split("."))
@@ -160,16 +159,23 @@ class _Naming(NamedTuple):
         return torch_shape(shape) + extra
 
 
+_RESNETV2_NAMING = _Naming(timm.resnetv2_key, timm.RESNETV2_ORDER, conv_head=True)
+
+
+def _v1_naming(deep_stem: bool, avg_pool_shortcut: bool) -> _Naming:
+    renames = dict(_MODULE_TO_TORCH)
+    if deep_stem:
+        renames |= timm.DEEP_STEM_TO_TORCH
+    if avg_pool_shortcut:
+        renames |= timm.AVG_POOL_SHORTCUT_TO_TORCH
+    return _Naming(functools.partial(torch_key, renames=renames), _TORCH_ORDER, conv_head=False)
+
+
 def _naming(name: str) -> _Naming:
     model = create_model(name, num_classes=0)  # an unbound dataclass: no parameters are built
     if isinstance(model, PreActResNet):
-        return _Naming(timm.resnetv2_key, timm.RESNETV2_ORDER, conv_head=True)
-    renames = dict(_MODULE_TO_TORCH)
-    if model.stem == "deep":
-        renames |= timm.DEEP_STEM_TO_TORCH
-    if model.shortcut == "avg_pool":
-        renames |= timm.AVG_POOL_SHORTCUT_TO_TORCH
-    return _Naming(functools.partial(torch_key, renames=renames), _TORCH_ORDER, conv_head=False)
+        return _RESNETV2_NAMING
+    return _v1_naming(model.stem == "deep", model.shortcut == "avg_pool")
 
 
 @functools.lru_cache(maxsize=32)
@@ -219,9 +225,8 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> str | None:
     `layer1.0.conv3`, groups and width per group from the shape of `layer1.0.conv2.weight`; timm's variants
     from their own keys (`convert.timm.structure`: deep stem, avg-pool shortcut, SE, ResNetV2, GroupNorm).
     """
-    found = timm.structure(shapes)
-    if found is not None:
-        return _infer_timm_variant(found)
+    if timm.structure(shapes) is not None:
+        return timm.infer_variant(shapes)
     stage_sizes = []
     for stage in range(1, 5):
         blocks = {int(m.group(1)) for k in shapes if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
@@ -241,27 +246,6 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]]) -> str | None:
             width_per_group,
         )
         if tuple(model.stage_sizes) == tuple(stage_sizes) and same_block and same_width:
-            return name
-    return None
-
-
-def _infer_timm_variant(found: Mapping[str, Any]) -> str | None:
-    for name in TIMM_MODELS:
-        model = create_model(name, num_classes=0)
-        if tuple(model.stage_sizes) != found["stage_sizes"]:
-            continue
-        if found["family"] == "v2":
-            fields = {"norm": model.norm} if isinstance(model, PreActResNet) else None
-        elif isinstance(model, PreActResNet):
-            fields = None
-        else:
-            fields = {
-                "stem": model.stem,
-                "shortcut": model.shortcut,
-                "squeeze_excite": model.squeeze_excite,
-                "bottleneck": model.block_cls is Bottleneck,
-            }
-        if fields is not None and all(found[field] == value for field, value in fields.items()):
             return name
     return None
 
@@ -301,12 +285,10 @@ def torch_shapes(variables: Mapping[str, Any]) -> dict[str, Shape]:
     """
     params = variables.get("params") or {}
     if "final_norm" in params:
-        naming = _Naming(timm.resnetv2_key, timm.RESNETV2_ORDER, conv_head=True)
-    elif "stem_conv1" in params:
-        renames = {**_MODULE_TO_TORCH, **timm.DEEP_STEM_TO_TORCH, **timm.AVG_POOL_SHORTCUT_TO_TORCH}
-        naming = _Naming(functools.partial(torch_key, renames=renames), _TORCH_ORDER, False)
+        naming = _RESNETV2_NAMING
     else:
-        naming = _Naming(torch_key, _TORCH_ORDER, conv_head=False)
+        deep_stem = "stem_conv1" in params
+        naming = _v1_naming(deep_stem=deep_stem, avg_pool_shortcut=deep_stem)
     flat = traverse_util.flatten_dict({c: variables.get(c) or {} for c in COLLECTIONS})
     return {
         naming.key(collection, path): naming.torch_shape(path, np.shape(leaf))

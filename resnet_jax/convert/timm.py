@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+from resnet_jax.models import TIMM_MODELS, Bottleneck, create_model
+from resnet_jax.models_v2 import PreActResNet
 
 DEEP_STEM_TO_TORCH = {
     "stem_conv1": "conv1.0",
@@ -106,3 +110,29 @@ def structure(shapes: Mapping[str, Sequence[int]]) -> dict[str, object] | None:
         "squeeze_excite": squeeze_excite,
         "bottleneck": "layer1.0.conv3.weight" in shapes,
     }
+
+
+def infer_variant(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """The name in `TIMM_MODELS` whose fields match what the keys say (`structure`), or None."""
+    found = structure(shapes)
+    if found is None:
+        return None
+    for name in TIMM_MODELS:
+        model = create_model(name, num_classes=0)  # an unbound dataclass: no parameters are built
+        if tuple(model.stage_sizes) != found["stage_sizes"]:
+            continue
+        if isinstance(model, PreActResNet) != (found["family"] == "v2"):
+            continue
+        fields: dict[str, Any] = (
+            {"norm": model.norm}
+            if isinstance(model, PreActResNet)
+            else {
+                "stem": model.stem,
+                "shortcut": model.shortcut,
+                "squeeze_excite": model.squeeze_excite,
+                "bottleneck": model.block_cls is Bottleneck,
+            }
+        )
+        if all(found[field] == value for field, value in fields.items()):
+            return name
+    return None
