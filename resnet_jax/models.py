@@ -237,7 +237,8 @@ class ResNet(nn.Module):
         return outputs if features else x
 
 
-# The table of architectures: torchvision's ImageNet networks, then the CIFAR networks of He et al. 2016, sec. 4.2.
+# The table of architectures: torchvision's ImageNet networks, timm's variants, then the CIFAR networks (He et
+# al. 2016, sec. 4.2; Zagoruyko & Komodakis 2016).
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
 resnet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
@@ -300,6 +301,7 @@ def wide_resnet(depth: int, width: int) -> Callable[..., PreActResNet]:
     )
 
 
+# Every name builds one of the two networks: post-activation (here) or pre-activation (models_v2.py).
 Network = ResNet | PreActResNet
 IMAGENET_MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet18": resnet18,
