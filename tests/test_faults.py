@@ -337,26 +337,38 @@ def _kill_after_step(process, workdir, step: int) -> None:
     raise AssertionError(f"the run never reached step {step}")
 
 
-# (seed, where): the seed picks the step or the delay.
-KILLS = [(0, "inside an async save"), (1, "between steps"), (2, "during startup")]
+# Each round kills one run at each place, in a fresh workdir, then resumes it to the end. CI runs one round
+# (seeds 0-2); RESNET_JAX_FAULT_ROUNDS=n runs n rounds (seeds 0 to 3n-1) for a longer soak.
+KILL_PLACES = ("inside an async save", "between steps", "during startup")
+ROUNDS = int(os.environ.get("RESNET_JAX_FAULT_ROUNDS", "1"))
 
 
-def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(tmp_path, reference):
+def _kill_once(workdir, seed: int, where: str) -> bool:
+    """Starts the run and SIGKILLs it at the seeded point; returns whether it landed inside a save."""
+    rng = random.Random(seed)
+    process = start(workdir)
+    landed_inside_a_save = False
+    if where == "inside an async save":
+        landed_inside_a_save = _kill_inside_a_save(process, workdir, rng.randint(2, 5))
+    elif where == "between steps":
+        _kill_after_step(process, workdir, rng.randint(6, 8))
+    else:
+        time.sleep(rng.uniform(0.5, 4.0))
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()[-3000:]
+    process.stderr.close()
+    return landed_inside_a_save
+
+
+@pytest.mark.parametrize("round_index", range(ROUNDS))
+def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(
+    tmp_path, reference, round_index
+):
     landed_inside_a_save = 0
-    for seed, where in KILLS:
-        rng = random.Random(seed)
+    for place_index, where in enumerate(KILL_PLACES):
         before = checkpoint_steps(tmp_path) if os.path.isdir(tmp_path / "checkpoints") else []
-        process = start(tmp_path)
-        if where == "inside an async save":
-            landed_inside_a_save += _kill_inside_a_save(process, tmp_path, rng.randint(2, 5))
-        elif where == "between steps":
-            _kill_after_step(process, tmp_path, rng.randint(6, 8))
-        else:
-            time.sleep(rng.uniform(0.5, 4.0))
-            process.kill()
-            process.wait()
-        assert process.returncode == -signal.SIGKILL, process.stderr.read()[-3000:]
-        process.stderr.close()
+        landed_inside_a_save += _kill_once(tmp_path, 3 * round_index + place_index, where)
         inject(f"kill -9 {where}")
         after = checkpoint_steps(tmp_path)
         assert set(before) <= set(after), (before, after)  # nothing complete was lost
@@ -371,7 +383,7 @@ def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(tmp_
     # Every loss any of the runs logged equals the uninterrupted run's at that step.
     for step, loss in train_losses(logged(tmp_path)).items():
         assert loss == reference[1][step], step
-    survived(*(f"kill -9 {where}" for _, where in KILLS))
+    survived(*(f"kill -9 {where}" for where in KILL_PLACES))
 
 
 # -- divergence ------------------------------------------------------------------------------------------------
