@@ -12,6 +12,12 @@ checkpoint and the new one; `REFUSED_CHANGES` lists the keys whose change makes 
 change the TrainState's structure or what its values mean), and every other change is allowed and logged.
 Whatever the config says, the saved TrainState's structure is also compared with the new one's before the
 restore, so a mismatch is reported as a short tree diff instead of Orbax's traceback.
+
+Several processes agree on every verdict (an all-gather of "could I read it?"), so they all move the same
+checkpoint aside (process 0 renames it) and all restore the same step. What each process can check before
+the restore (its iterator file, the state's metadata) is checked that way; a shard that only one process reads
+and finds truncated is not: Orbax's restore ends in a barrier the other processes wait at, so that run stops
+with Orbax's error instead of falling back.
 """
 
 from __future__ import annotations
