@@ -188,6 +188,22 @@ def test_load_variables_reads_a_training_workdir_without_a_target(tmp_path):
         load_variables(str(tmp_path), step=7)
 
 
+def test_load_variables_skips_a_damaged_newest_checkpoint_and_moves_nothing(tmp_path, caplog):
+    states = _save_steps(tmp_path, [1, 2])
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    with caplog.at_level(logging.WARNING):
+        variables, metadata = load_variables(str(tmp_path))
+    assert metadata["step"] == 1
+    chex.assert_trees_all_equal(variables["params"], jax.device_get(states[1].params))
+    assert "checkpoint 2 in " in caplog.text and "trying the previous one" in caplog.text
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # a reader moves nothing
+    (tmp_path / "checkpoints" / "1" / "state" / "_METADATA").unlink()
+    with pytest.raises(
+        FileNotFoundError, match="no readable checkpoint in .*tried step 2 .*; step 1"
+    ):
+        load_variables(str(tmp_path))
+
+
 def test_reading_variables_from_a_training_workdir_never_imports_grain(tmp_path):
     with TrainingCheckpointer(tmp_path, save_every_steps=1, config={"model": "resnet18"}) as saver:
         saver.save(1, advance(make_state(0)), iter(make_loader()))

@@ -11,6 +11,7 @@ reading needs Orbax only: the Grain iterator state in a training checkpoint is n
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -20,6 +21,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 Variables = dict[str, Any]
+
+_log = logging.getLogger(__name__)
 
 # The layout of a training workdir: `<workdir>/checkpoints/<step>/{state,config,data,metrics}`. Written by
 # `TrainingCheckpointer`, read here.
@@ -93,13 +96,36 @@ def _load_variables_checkpoint(path: str) -> tuple[Variables, dict[str, Any]]:
 def _load_training_variables(
     checkpoints_dir: str, step: int | None
 ) -> tuple[Variables, dict[str, Any]]:
+    """Step `step`, or the newest step that reads: a damaged newest checkpoint (a run killed by a full disk,
+    a truncated copy) is skipped with a one-line warning, never moved or deleted (readers do not touch a
+    workdir; the next training run moves it aside)."""
     steps = sorted(ocp.utils.checkpoint_steps(checkpoints_dir))
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(
-            f"no complete checkpoint for step {step} in {checkpoints_dir}: {steps}"
-        )
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {checkpoints_dir}: {steps}"
+            )
+        return _read_training_step(checkpoints_dir, step)
+    tried = []
+    for candidate in reversed(steps):
+        try:
+            return _read_training_step(checkpoints_dir, candidate)
+        except Exception as e:  # Orbax and TensorStore raise many kinds for damaged files
+            reason = str(e).split("\n", 1)[0][:160]
+            tried.append(f"step {candidate} ({type(e).__name__}: {reason})")
+            _log.warning(
+                "checkpoint %d in %s is unreadable (%s: %s); trying the previous one",
+                candidate,
+                checkpoints_dir,
+                type(e).__name__,
+                reason,
+            )
+    raise FileNotFoundError(
+        f"no readable checkpoint in {checkpoints_dir}: tried {'; '.join(tried)}"
+    )
+
+
+def _read_training_step(checkpoints_dir: str, step: int) -> tuple[Variables, dict[str, Any]]:
     step_dir = os.path.join(checkpoints_dir, str(step))
     variables = _read_params_and_batch_stats(os.path.join(step_dir, STATE_ITEM))
     config = _read_json_item(os.path.join(step_dir, CONFIG_ITEM))
