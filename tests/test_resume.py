@@ -4,6 +4,8 @@ Each test runs `python train.py --config configs/default.py` in subprocesses on 
 bundled digits at 16x16, batch 32, 30 steps) and compares, step by step, the training losses logged after the
 restart and the final parameters with those of one uninterrupted run: on CPU they are bitwise equal, because the
 restored TrainState, the restored Grain iterator position and the deterministic step leave nothing to chance.
+The SIGTERM case runs with both drivers: the default (jit + shard_map, one device) and `parallelism=pmap` on
+two simulated CPU devices.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ FLAGS = (
 )
 
 
-def _command(workdir) -> list[str]:
+# The pmap driver on two simulated CPU devices (the global batch of 32 splits 16 + 16), at 8x8 (ResNet-20's
+# stages on 8x8, 4x4, 2x2 maps) to keep its three runs short.
+PMAP = {"flags": ("--config.parallelism=pmap", "--config.image_size=8"), "num_devices": 2}
+
+
+def _command(workdir, flags: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable,
         "train.py",
@@ -43,31 +50,39 @@ def _command(workdir) -> list[str]:
         "--workdir",
         str(workdir),
         *FLAGS,
+        *flags,
     ]
 
 
-def _env() -> dict[str, str]:
+def _env(num_devices: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The runs share compiled programs through the persistent cache, as the test process does.
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(REPO_ROOT, ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["JAX_PLATFORMS"] = "cpu"
+    if num_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     return env
 
 
-def _run(workdir) -> subprocess.CompletedProcess:
+def _run(workdir, flags: tuple[str, ...] = (), num_devices: int | None = None):
     result = subprocess.run(
-        _command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300
+        _command(workdir, flags),
+        cwd=REPO_ROOT,
+        env=_env(num_devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def _start(workdir) -> subprocess.Popen:
+def _start(workdir, flags: tuple[str, ...] = (), num_devices: int | None = None):
     return subprocess.Popen(
-        _command(workdir),
+        _command(workdir, flags),
         cwd=REPO_ROOT,
-        env=_env(),
+        env=_env(num_devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -111,11 +126,13 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def _uninterrupted_run(workdir, **run_options):
     """Losses per step and final variables of one uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    _run(workdir)
+    result = _run(workdir, **run_options)
+    num_devices = run_options.get("num_devices")
+    if num_devices is not None:
+        # The simulated devices took effect (one device would also take the batch, and pass vacuously).
+        assert f"{num_devices} global devices" in result.stderr, result.stderr[-3000:]
     losses = _train_losses(_logged_steps(workdir))
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
     variables, metadata = load_variables(str(workdir))
@@ -123,15 +140,23 @@ def uninterrupted(tmp_path_factory):
     return losses, variables
 
 
-def _assert_resumed_run_matches(workdir, records_before_restart: int, uninterrupted) -> int:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _uninterrupted_run(tmp_path_factory.mktemp("uninterrupted"))
+
+
+def _assert_resumed_run_matches(
+    workdir, records_before_restart: int, uninterrupted, **run_options
+) -> int:
     """Restarts the run, checks it resumed from its latest checkpoint and ended like the uninterrupted one.
 
+    `run_options` (flags, num_devices) must be those of the interrupted and the uninterrupted run.
     Returns the step it resumed from.
     """
     expected_losses, expected_variables = uninterrupted
     resumed_from = _checkpoint_steps(workdir)[-1]
     assert resumed_from < NUM_STEPS
-    _run(workdir)
+    _run(workdir, **run_options)
     after_restart = _train_losses(_logged_steps(workdir)[records_before_restart:])
     assert sorted(after_restart) == list(range(resumed_from + 1, NUM_STEPS + 1))
     for step, loss in after_restart.items():
@@ -145,21 +170,31 @@ def _assert_resumed_run_matches(workdir, records_before_restart: int, uninterrup
     return resumed_from
 
 
-def test_sigterm_saves_exits_cleanly_and_the_restart_matches_an_uninterrupted_run(
-    tmp_path, uninterrupted
-):
-    process = _start(tmp_path)
-    _wait_until_step(process, tmp_path, 7)
+def _sigterm_and_resume(workdir, uninterrupted, **run_options) -> None:
+    process = _start(workdir, **run_options)
+    _wait_until_step(process, workdir, 7)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
-    stopped_at = _checkpoint_steps(tmp_path)[-1]
+    stopped_at = _checkpoint_steps(workdir)[-1]
     assert 7 <= stopped_at < NUM_STEPS
     # The preempted run saved the step it was on, not only the last multiple of checkpoint_every_steps.
     assert "preempted at step" in stderr and "rerun the same command to resume" in stderr
-    records = _logged_steps(tmp_path)
+    records = _logged_steps(workdir)
     assert max(_train_losses(records)) == stopped_at
-    assert _assert_resumed_run_matches(tmp_path, len(records), uninterrupted) == stopped_at
+    resumed_from = _assert_resumed_run_matches(workdir, len(records), uninterrupted, **run_options)
+    assert resumed_from == stopped_at
+
+
+def test_sigterm_saves_exits_cleanly_and_the_restart_matches_an_uninterrupted_run(
+    tmp_path, uninterrupted
+):
+    _sigterm_and_resume(tmp_path, uninterrupted)
+
+
+def test_pmap_on_two_devices_sigterm_restart_matches_an_uninterrupted_pmap_run(tmp_path):
+    uninterrupted_pmap = _uninterrupted_run(tmp_path / "uninterrupted", **PMAP)
+    _sigterm_and_resume(tmp_path / "interrupted", uninterrupted_pmap, **PMAP)
 
 
 def test_kill_9_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
