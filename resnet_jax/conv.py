@@ -387,9 +387,8 @@ class CpuConv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
     tap_kernel_grad: bool = True
-    form: str | None = (
-        None  # None: RESNET_JAX_CONV_FORM (default auto); else auto, static or a form name
-    )
+    # None: RESNET_JAX_CONV_FORM decides (default auto); else auto, static or a form name for this module.
+    form: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

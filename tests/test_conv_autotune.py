@@ -1,0 +1,92 @@
+"""The conv form choice: timed once per shape, cached on disk, pinnable, and deterministic when asked."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import conv, conv_autotune
+
+PADDING = ((1, 1), (1, 1))
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """Autotuning on, into a fresh cache, for every conv however small; memory cleared before and after."""
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "auto")
+    monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(conv_autotune, "MIN_TUNED_FLOPS", 0)
+    monkeypatch.setattr(conv_autotune, "ROUNDS", 1)
+    conv_autotune.clear_memory()
+    yield tmp_path
+    conv_autotune.clear_memory()
+
+
+def no_timing(*args, **kwargs):
+    raise AssertionError("timed the forms, but the choice should have come from a cache or a rule")
+
+
+def test_first_use_times_the_candidates_and_caches_the_fastest_on_disk(tuner, monkeypatch):
+    x = jnp.ones((1, 6, 6, 4))
+    kernel = jnp.ones((3, 3, 4, 4))
+    chosen = conv.select_form(x.shape, kernel.shape, (1, 1), PADDING)
+    candidates = conv.candidate_forms(kernel.shape, (1, 1), PADDING)
+    assert chosen in candidates and "winograd4" in candidates
+    with open(conv_autotune.cache_path()) as f:
+        table = json.load(f)
+    (entry,) = table.values()
+    assert entry["form"] == chosen == min(entry["ms"], key=entry["ms"].get)
+    assert os.path.dirname(conv_autotune.cache_path()) == str(tuner)
+    # A new process (memory cleared) reads the file instead of timing again.
+    conv_autotune.clear_memory()
+    monkeypatch.setattr(conv_autotune, "time_forms", no_timing)
+    assert conv.select_form(x.shape, kernel.shape, (1, 1), PADDING) == chosen
+
+
+def test_choosing_inside_jit_and_grad_computes_the_conv(tuner):
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+
+    def loss(kernel, x, fn):
+        return jnp.sum(fn(x, kernel, (1, 1), PADDING) ** 2)
+
+    actual = jax.jit(jax.grad(loss), static_argnums=2)(kernel, x, conv.cpu_conv)
+    expected = jax.grad(loss)(kernel, x, conv.lax_conv)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5 * float(jnp.max(expected)))
+
+
+def test_static_mode_and_small_convs_are_never_timed(tmp_path, monkeypatch):
+    monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(conv_autotune, "time_forms", no_timing)
+    conv_autotune.clear_memory()
+    shape = ((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING)
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "static")
+    assert conv.select_form(*shape) == conv.static_form(*shape) == "winograd4"
+    monkeypatch.setenv(
+        conv_autotune.FORM_ENV, "auto"
+    )  # 2*2*32*32*9*8*8 flops: below MIN_TUNED_FLOPS
+    assert conv.select_form(*shape) == "winograd4"
+    assert not os.listdir(tmp_path)
+
+
+def test_a_pinned_form_applies_where_it_can_and_the_rule_elsewhere(monkeypatch):
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "lax")
+    assert conv.select_form((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING) == "lax"
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "winograd2")
+    assert conv.select_form((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING) == "winograd2"
+    strided = ((2, 32, 32, 8), (3, 3, 8, 8), (2, 2), PADDING)
+    assert conv.select_form(*strided) == conv.static_form(*strided)
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "fastest")
+    with pytest.raises(ValueError, match="RESNET_JAX_CONV_FORM"):
+        conv.select_form(*strided)
+
+
+def test_cache_is_keyed_by_cpu_and_jax_version(monkeypatch, tmp_path):
+    monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
+    name = os.path.basename(conv_autotune.cache_path())
+    assert jax.__version__ in name and str(os.cpu_count()) in name
