@@ -33,6 +33,7 @@ def subprocess_env(num_devices: int = 1) -> dict:
         os.environ,
         # LLVM -O0: half the compile time of these tiny programs, same semantics.
         XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0",
+        JAX_PLATFORMS="cpu",  # the simulated devices are CPU devices, also on a GPU host
         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
 
