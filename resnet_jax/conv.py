@@ -212,6 +212,37 @@ def _conv_winograd_grad_bwd(padding, groups, tile, residuals, grad_out):
 _conv_winograd_grad.defvjp(_conv_winograd_grad_fwd, _conv_winograd_grad_bwd)
 
 
+def space_to_depth_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    inner: Callable[..., jax.Array] = im2col_conv,
+) -> jax.Array:
+    """A stride-2 conv as a stride-1 conv over 2x2 space-to-depth blocks (the MLPerf TPU stem trick).
+
+    Input (N, H, W, C) padded becomes (N, H/2, W/2, 4C) and the k x k kernel, zero-padded to even size,
+    (k/2, k/2, 4C, O): the stem's 49 strided taps of 3 channels become 16 contiguous taps of 12.
+    """
+    if tuple(strides) != (2, 2):
+        raise ValueError(f"space-to-depth takes stride 2, got {strides}")
+    n, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    out_h = _output_size(h, kh, 2, padding[0])
+    out_w = _output_size(w, kw, 2, padding[1])
+    # Rows 0 .. 2 * (out + ceil(k / 2) - 1) - 1 of the padded input are all any output reads.
+    rows, cols = 2 * (out_h + (kh + 1) // 2 - 1), 2 * (out_w + (kw + 1) // 2 - 1)
+    top, left = padding[0][0], padding[1][0]
+    x = jnp.pad(x, ((0, 0), (top, max(0, rows - h - top)), (left, max(0, cols - w - left)), (0, 0)))
+    x = x[:, :rows, :cols]
+    x = x.reshape(n, rows // 2, 2, cols // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, rows // 2, cols // 2, 4 * c)
+    kernel = jnp.pad(kernel, ((0, kh % 2), (0, kw % 2), (0, 0), (0, 0)))
+    kernel = kernel.reshape((kh + 1) // 2, 2, (kw + 1) // 2, 2, -1, o).transpose(0, 2, 1, 3, 4, 5)
+    kernel = kernel.reshape((kh + 1) // 2, (kw + 1) // 2, -1, o)
+    return inner(x, kernel, (1, 1), ((0, 0), (0, 0)))
+
+
 # The equivalent forms, by name: f(x, kernel, strides, padding, feature_group_count=1) -> y.
 FORMS: dict[str, Callable[..., jax.Array]] = {
     "lax": lax_conv,
@@ -221,6 +252,8 @@ FORMS: dict[str, Callable[..., jax.Array]] = {
     "winograd4": winograd_form(4),
     "lax_winograd2_grad": functools.partial(conv_with_winograd_kernel_grad, tile=2),
     "lax_winograd4_grad": functools.partial(conv_with_winograd_kernel_grad, tile=4),
+    "s2d_im2col": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p),
+    "s2d_lax": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p, lax_conv),
 }
 
 
@@ -241,6 +274,14 @@ def form_supports(
         return True
     if "winograd" in name:
         return jnp.dtype(dtype).itemsize >= 4 and winograd.supports(kernel_shape, strides, padding)
+    if name.startswith("s2d"):
+        # For 3x3 kernels the padded 4x4 kernel multiplies 16/9 as much: only wide strided kernels (stems).
+        return (
+            feature_group_count == 1
+            and not isinstance(padding, str)
+            and tuple(strides) == (2, 2)
+            and min(kernel_shape[:2]) >= 5
+        )
     return feature_group_count == 1 and not isinstance(padding, str)
 
 

@@ -9,7 +9,8 @@ timing runs in a separate thread, outside the caller's trace.
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
-* unset or `auto`: time convs whose forward is at least `MIN_TUNED_FLOPS` (smaller ones take the static choice;
+* `auto` (the default; `static` when unset under pytest, including processes a test starts): time convs
+  whose forward is at least `MIN_TUNED_FLOPS` (smaller ones take the static choice;
   timing them costs more than it could save, and keeps tiny test models deterministic);
 * `static`: never time; take `resnet_jax.conv.static_form`'s choice (what tests use for determinism);
 * a form name (`lax`, `winograd4`, ...): that form wherever it can compute the conv, the static choice elsewhere.
@@ -47,7 +48,10 @@ _lock = threading.Lock()
 
 
 def mode() -> str:
-    return os.environ.get(FORM_ENV, "auto") or "auto"
+    """`RESNET_JAX_CONV_FORM`; unset, `auto`, except under pytest, where timing would make tests slow and
+    their forms machine-dependent (set the variable to `auto` to time there too)."""
+    default = "static" if "PYTEST_CURRENT_TEST" in os.environ else "auto"
+    return os.environ.get(FORM_ENV) or default
 
 
 def cpu_description() -> str:

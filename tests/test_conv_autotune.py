@@ -90,3 +90,8 @@ def test_cache_is_keyed_by_cpu_and_jax_version(monkeypatch, tmp_path):
     monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
     name = os.path.basename(conv_autotune.cache_path())
     assert jax.__version__ in name and str(os.cpu_count()) in name
+
+
+def test_unset_under_pytest_means_static(monkeypatch):
+    monkeypatch.delenv(conv_autotune.FORM_ENV, raising=False)
+    assert conv_autotune.mode() == "static"
