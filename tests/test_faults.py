@@ -439,8 +439,10 @@ def test_a_state_that_no_longer_fits_starts_with_a_summary_and_the_changed_keys(
     assert lines[1].startswith("hint: the config changed since it was written: ")
     assert "backbone_lr_multiplier 1.0 -> 0.5" in lines[1]
     assert len(lines) < 80
-    if len(lines) > 3 and "more" in message:
-        assert lines[-1] == f"the full lists: {tmp_path / 'resume_mismatch.txt'}"
+    # Every optimizer-state path moved (about 60 each way): the message lists 20 of each, the file all.
+    report = tmp_path / "resume_mismatch.txt"
+    assert lines[-1] == f"the full lists: {report}"
+    assert len(report.read_text().splitlines()) > 100
     assert checkpoint_steps(tmp_path) == [1, 2, 3, 4] and moved_aside(tmp_path) == []
     survived("changed optimizer state structure")
 
