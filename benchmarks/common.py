@@ -50,16 +50,27 @@ def machine_description() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    model_found = False
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                    cpu, model_found = line.split(":", 1)[1].strip(), True
+                elif line.startswith("flags"):
+                    # The vector extensions that decide which conv form and matmul kernels win.
+                    flags = sorted(
+                        flag
+                        for flag in line.split(":", 1)[1].split()
+                        if flag.startswith(("avx", "fma", "amx")) or flag == "f16c"
+                    )
+                if flags and model_found:
                     break
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "cpu_flags": " ".join(flags),
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
@@ -83,7 +94,8 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 def describe_machine_line(machine: dict[str, Any]) -> str:
     return (
-        f"{machine['cpu']}, {machine['cpu_count']} cores (load {machine['load_average_1m']:.1f}), "
+        f"{machine['cpu']} ({machine.get('cpu_flags', '')}), {machine['cpu_count']} cores "
+        f"(load {machine['load_average_1m']:.1f}), "
         f"jax {machine['jax']} ({machine['jax_backend']}), torch {machine['torch']} "
         f"({machine['torch_threads']} threads)"
     )
