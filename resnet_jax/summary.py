@@ -36,7 +36,7 @@ from flax import traverse_util
 
 from resnet_jax.models import CIFAR_MODELS, create_model, list_models
 
-PARTS = ("stem", "stage1", "stage2", "stage3", "stage4", "fc")
+PARTS = ("stem", "stage1", "stage2", "stage3", "stage4", "final_norm", "fc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,8 @@ def _part(path: str) -> str:
             return "stem"
         if component.startswith("stage"):
             return component.split("_")[0]
-        if component == "fc":
-            return "fc"
+        if component in ("fc", "final_norm"):  # final_norm: pre-activation nets' last norm
+            return component
     return "other"
 
 
@@ -206,7 +206,7 @@ def format_summary(summary: ModelSummary) -> str:
     if s.xla_flops is not None:
         lines.append(f"XLA cost analysis of the compiled forward pass: {_giga(s.xla_flops)} FLOPs")
     lines.append("")
-    header = f"{'part':<8} {'output shape (H, W, C)':<24} {'params':>12} {'MACs':>15}"
+    header = f"{'part':<10} {'output shape (H, W, C)':<24} {'params':>12} {'MACs':>15}"
     lines += [header, "-" * len(header)]
     shape_of = {"fc": s.output_shapes.get("logits")}
     for part in PARTS:
@@ -214,7 +214,7 @@ def format_summary(summary: ModelSummary) -> str:
             continue
         shape = shape_of.get(part, s.output_shapes.get(part))
         lines.append(
-            f"{part:<8} {str(shape) if shape else '-':<24} "
+            f"{part:<10} {str(shape) if shape else '-':<24} "
             f"{s.params_by_part.get(part, 0):>12,} {s.macs_by_part.get(part, 0):>15,}"
         )
     if "pooled" in s.output_shapes:

@@ -26,7 +26,7 @@ def test_resnet50_summary_prints_torchvision_parameter_count(capsys):
 
     assert torch_params == 25_557_032
     assert f"{torch_params:,} parameters" in out
-    assert "stage4   (7, 7, 2048)" in out
+    assert "stage4     (7, 7, 2048)" in out
 
 
 def test_resnet50_macs_match_torchvision_quoted_gflops_and_stage_shapes():
