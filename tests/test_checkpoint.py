@@ -315,6 +315,10 @@ def test_resuming_with_another_process_count_is_a_clear_error(tmp_path):
     with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
         with pytest.raises(ValueError, match="written by 2 process"):
             checkpointer.restore_latest(make_state(1), iter(make_loader()))
+        # Not damage: resuming refuses it and moves nothing (every step has the other count).
+        with pytest.raises(IncompatibleCheckpointError, match="written by 2 process"):
+            restore_newest_usable(checkpointer, make_state(1), iter(make_loader()))
+        assert checkpointer.all_steps() == [1]
 
 
 # -- resuming from the newest usable checkpoint ----------------------------------------------------------------

@@ -235,13 +235,16 @@ class TrainingCheckpointer:
         """
         items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(target_state))}
         if data_iterator is not None:
-            self._check_data_processes(step)
+            self.check_data_processes(step)
             items[DATA_ITEM] = grain_checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE_ITEM]
 
-    def _check_data_processes(self, step: int) -> None:
-        """Each process restores its own iterator file: the process count must be the one that saved."""
+    def check_data_processes(self, step: int) -> None:
+        """Each process restores its own iterator file: the process count must be the one that saved.
+
+        Raises IncompatibleCheckpointError otherwise (not a damaged checkpoint: every step has the same count).
+        """
         data_dir = os.path.join(self.directory, str(step), DATA_ITEM)
         if not os.path.isdir(data_dir):
             return

@@ -211,6 +211,7 @@ def _readable_problem(checkpointer: TrainingCheckpointer, step: int, data: bool)
     except Exception as e:  # garbled metadata or array headers: Orbax raises several kinds
         return f"the saved state's metadata is unreadable ({_short(e)})"
     if data:
+        checkpointer.check_data_processes(step)  # another process count: an error, not damage
         path = checkpointer.data_file(step)
         relative = os.path.relpath(path, checkpointer.step_directory(step))
         if not os.path.isfile(path):
