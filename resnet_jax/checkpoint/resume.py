@@ -302,8 +302,8 @@ def _restore(
     state = None
     try:
         state = checkpointer.restore(step, target_state, data_iterator)
-    except IncompatibleCheckpointError:
-        raise
+    except (IncompatibleCheckpointError, MemoryError, PermissionError):
+        raise  # this run's problem, not the checkpoint's: moving it aside would not help
     # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
     except Exception as e:
         problem = (
