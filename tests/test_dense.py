@@ -1,0 +1,315 @@
+"""Dense prediction: FPN shapes on every backbone, mIoU by hand, the digit canvases, the dense steps."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from resnet_jax import finetune, list_models, optim, train_state
+from resnet_jax.config import base_config
+from resnet_jax.data.sources import DigitsSource
+from resnet_jax.dense import canvases, metrics, pretrained
+from resnet_jax.dense import steps as dense_steps
+from resnet_jax.dense.fpn import FPN, SegmentationModel, stage_names
+from resnet_jax.models import create_model
+from resnet_jax.parallel import DATA_AXIS, DataParallel
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+def _shallow_backbone(name: str, **options):
+    """`name` with one block per stage: every variant's stem, block, widths and groups; depth changes no shape."""
+    depth = len(create_model(name, num_classes=0, conv=nn.Conv).stage_sizes)
+    return create_model(name, num_classes=0, stage_sizes=(1,) * depth, conv=nn.Conv, **options)
+
+
+def _stage_strides(backbone) -> list[int]:
+    # The CIFAR stem keeps the input resolution (stages at strides 1, 2, 4); the others reduce by 4 first.
+    first = 1 if backbone.stem == "cifar" else 4
+    return [first * 2**stage for stage in range(len(backbone.stage_sizes))]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_fpn_levels_and_logits_have_the_right_shapes_for_every_backbone(name):
+    backbone = _shallow_backbone(name)
+    model = SegmentationModel(
+        backbone=backbone, num_classes=11, fpn_channels=16, head_channels=16, conv=nn.Conv
+    )
+    images = jnp.zeros((2, 64, 64, 3))
+    logits, variables = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0),
+            images,
+            capture_intermediates=lambda module, method: (
+                isinstance(module, FPN) and method == "__call__"
+            ),
+        )
+    )
+    (pyramid,) = variables["intermediates"]["fpn"]["__call__"]
+    strides = _stage_strides(backbone)
+    assert list(pyramid) == [f"stage{s + 1}" for s in range(len(strides))]
+    for (level, shape), stride in zip(pyramid.items(), strides, strict=True):
+        assert shape.shape == (2, -(-64 // stride), -(-64 // stride), 16), level
+    assert logits.shape == (2, 64, 64, 11) and logits.dtype == jnp.float32
+    assert set(variables["params"]) == {"backbone", "fpn", "head"}
+
+
+def test_fpn_rejects_a_single_level_and_a_backbone_with_a_classifier():
+    with pytest.raises(ValueError, match="at least two stage outputs"):
+        stage_names({"stem": None, "stage1": None, "pooled": None})
+    model = SegmentationModel(backbone=create_model("resnet18", num_classes=10), num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def test_fpn_top_down_path_adds_the_coarser_level_upsampled_by_nearest():
+    # Identity-like 1x1 laterals and 3x3 outputs that pass the centre tap: P_fine = C_fine + up(C_coarse).
+    features = {"stage1": jnp.arange(16.0).reshape(1, 4, 4, 1), "stage2": jnp.ones((1, 2, 2, 1))}
+    features["stage2"] = (
+        features["stage2"] * jnp.asarray([[1.0, 2.0], [3.0, 4.0]])[None, :, :, None]
+    )
+    fpn = FPN(channels=1, conv=nn.Conv)
+    variables = fpn.init(jax.random.key(0), features)
+    params = jax.tree.map(jnp.zeros_like, variables["params"])
+    for name in params:
+        kernel = params[name]["kernel"]
+        center = (kernel.shape[0] // 2, kernel.shape[1] // 2, 0, 0)
+        params[name]["kernel"] = kernel.at[center].set(1.0)
+    pyramid = fpn.apply({"params": params}, features)
+    upsampled = np.kron(np.asarray([[1.0, 2.0], [3.0, 4.0]]), np.ones((2, 2)))
+    np.testing.assert_allclose(
+        pyramid["stage1"][0, :, :, 0], np.arange(16.0).reshape(4, 4) + upsampled
+    )
+    np.testing.assert_allclose(pyramid["stage2"][0, :, :, 0], [[1.0, 2.0], [3.0, 4.0]])
+
+
+# -- backbone from a classifier -------------------------------------------------------------------
+
+
+def _tiny_backbone(num_classes=0, **options):
+    return create_model(
+        "cifar_resnet20",
+        num_classes=num_classes,
+        stage_sizes=(1, 1),
+        stage_widths=(8, 16),
+        conv=nn.Conv,
+        **options,
+    )
+
+
+def _tiny_segmentation_model(**backbone_options):
+    return SegmentationModel(
+        backbone=_tiny_backbone(**backbone_options),
+        num_classes=canvases.NUM_CLASSES,
+        fpn_channels=8,
+        head_channels=8,
+        conv=nn.Conv,
+    )
+
+
+def test_classifier_checkpoint_maps_onto_the_backbone_and_back():
+    classifier = _tiny_backbone(num_classes=10)
+    classifier_variables = classifier.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+    model = _tiny_segmentation_model()
+    fresh = model.init(jax.random.key(2), jnp.zeros((1, 16, 16, 3)))
+
+    merged = pretrained.merge_pretrained_backbone(fresh, classifier_variables)
+    headless = {
+        "params": {k: v for k, v in classifier_variables["params"].items() if k != "fc"},
+        "batch_stats": classifier_variables["batch_stats"],
+    }
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        pretrained.classifier_variables_from_segmentation(merged),
+        headless,
+    )
+    for part in pretrained.HEAD_NAMES:  # the neck and head stay freshly initialized
+        jax.tree.map(np.testing.assert_array_equal, merged["params"][part], fresh["params"][part])
+    labels = pretrained.param_groups(merged["params"])
+    assert set(jax.tree.leaves(labels["backbone"])) == {finetune.BACKBONE}
+    assert set(jax.tree.leaves({k: labels[k] for k in pretrained.HEAD_NAMES})) == {finetune.HEAD}
+
+    other = create_model("resnet18", num_classes=10, conv=nn.Conv)
+    other_variables = jax.eval_shape(
+        lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
+    with pytest.raises(finetune.CheckpointMismatchError, match="unexpected.*mis-shaped"):
+        pretrained.merge_pretrained_backbone(fresh, other_variables)
+
+
+# -- mean IoU -------------------------------------------------------------------------------------
+
+
+def test_mean_iou_of_a_hand_worked_confusion_matrix():
+    # Rows: truth, columns: prediction. Class 0: TP 3, FP 0, FN 1 -> 3/4. Class 1: TP 2, FP 1, FN 2 -> 2/5.
+    # Class 2 is never true but predicted twice: TP 0, FP 2 -> 0. Class 3 appears nowhere: left out.
+    confusion = np.array([[3, 1, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(
+        metrics.iou_per_class(confusion), [0.75, 0.4, 0.0, np.nan], equal_nan=True
+    )
+    assert metrics.mean_iou(confusion) == pytest.approx((0.75 + 0.4 + 0.0) / 3, abs=1e-12)
+    assert metrics.pixel_accuracy(confusion) == pytest.approx(5 / 8)
+
+    # The same matrix counted from pixels: a padding row and an ignored pixel (label 255) count nowhere.
+    labels = jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1, 255], [3, 3, 3, 3, 3, 3, 3, 3, 3]])
+    preds = jnp.asarray([[0, 0, 0, 1, 1, 1, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    weights = (labels != 255) * jnp.asarray([1, 0])[:, None]
+    counted = metrics.confusion_matrix(labels, preds, 4, weights)
+    np.testing.assert_array_equal(counted, confusion)
+
+
+def test_accumulated_sums_are_int64_and_float64():
+    totals = metrics.accumulate(
+        [{"confusion": np.full((2, 2), 2**30, np.int32), "loss_sum": np.float32(0.1)}] * 4
+    )
+    assert totals["confusion"].dtype == np.int64 and totals["confusion"][0, 0] == 2**32
+    assert totals["loss_sum"].dtype == np.float64
+
+
+# -- the digit canvases ---------------------------------------------------------------------------
+
+
+def test_canvas_splits_never_share_a_digit_image():
+    (train_split, train), (val_split, val), (test_split, test) = (
+        canvases.split_digits(split)[2] for split in canvases.SPLITS
+    )
+    assert (train_split, val_split, test_split) == ("train", "train", "test")
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == len(DigitsSource("train"))
+    # The canvases themselves only draw from their split's digits.
+    used = {
+        split: {
+            i for n in range(50) for i in canvases.DigitCanvases(split, 50, seed=3).source_digits(n)
+        }
+        for split in canvases.SPLITS
+    }
+    assert used["train"] <= set(train) and used["validation"] <= set(val)
+    assert used["test"] <= set(test)
+    assert not used["train"] & used["validation"]
+    # And by content: no 8x8 scan of the test digits is among the train digits' scans.
+    train_scans = {DigitsSource("train")[int(i)]["image"].tobytes() for i in train}
+    assert not any(DigitsSource("test")[int(i)]["image"].tobytes() in train_scans for i in test)
+
+
+def test_canvas_labels_mark_exactly_the_inked_pixels_and_are_deterministic():
+    source = canvases.DigitCanvases("validation", 20, seed=7)
+    digit_images, digit_labels, _ = canvases.split_digits("validation")
+    for index in range(20):
+        record = source[index]
+        image, label = record["image"], record["label"]
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label.shape == (64, 64)
+        grey = image[..., 0].astype(int)
+        threshold = round(canvases.INK_THRESHOLD * 255)
+        assert np.all(grey[label > 0] >= threshold) and np.all(grey[label == 0] <= threshold)
+        layout = source.layout(index)
+        assert 2 <= len(layout) <= 4
+        for digit, y, x, size in layout:
+            assert 12 <= size <= 24
+            window = label[y : y + size, x : x + size]
+            assert set(np.unique(window)) <= {0, digit_labels[digit] + 1}
+        expected = {0} | {digit_labels[d] + 1 for d, *_ in layout}
+        assert set(np.unique(label)) <= expected
+    again = canvases.DigitCanvases("validation", 20, seed=7)[5]
+    np.testing.assert_array_equal(again["image"], source[5]["image"])
+    other = canvases.DigitCanvases("validation", 20, seed=8)[5]
+    assert not np.array_equal(other["image"], source[5]["image"])
+
+
+# -- the dense steps ------------------------------------------------------------------------------
+
+
+def _canvas_batch(split: str, count: int, size: int = 32):
+    source = canvases.DigitCanvases(split, count, canvas_size=size, digit_sizes=(8, 14), seed=0)
+    records = [source[i] for i in range(count)]
+    images = np.stack([r["image"] for r in records]).astype(np.float32) / 255.0
+    return {"image": (images - 0.1) / 0.3, "label": np.stack([r["label"] for r in records])}
+
+
+def _compiled_steps(model, params_shape_source, trainable_mask=None, multipliers=None):
+    config = base_config()
+    config.update({"optimizer": "adamw", "learning_rate": 3e-3, "weight_decay": 0.0})
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=100)
+    labels = pretrained.param_groups(params_shape_source) if multipliers else None
+    tx = optim.create_optimizer(config, schedule, param_labels=labels, lr_multipliers=multipliers)
+    data_parallel = DataParallel("shard_map", devices=jax.devices()[:1])
+    train_fn = data_parallel.compile(
+        functools.partial(
+            dense_steps.train_step,
+            apply_fn=model.apply,
+            tx=tx,
+            learning_rate_fn=schedule,
+            trainable_mask=trainable_mask,
+            axis_name=DATA_AXIS,
+        ),
+        donate_state=False,
+    )
+    eval_fn = data_parallel.compile(
+        functools.partial(
+            dense_steps.eval_step,
+            apply_fn=model.apply,
+            num_classes=canvases.NUM_CLASSES,
+            axis_name=DATA_AXIS,
+        ),
+        donate_state=False,
+    )
+    return data_parallel, tx, train_fn, eval_fn
+
+
+def test_dense_train_step_lowers_the_loss_and_eval_counts_every_real_pixel_once():
+    model = _tiny_segmentation_model()
+    variables = train_state.init_variables(model, jax.random.key(0), 32)
+    data_parallel, tx, train_fn, eval_fn = _compiled_steps(model, variables["params"])
+    state = data_parallel.replicate(train_state.create_train_state(variables, tx, use_ema=False))
+    batch = data_parallel.shard_batch(_canvas_batch("train", 4))
+    losses = []
+    for _ in range(15):
+        state, step_metrics = train_fn(state, batch)
+        losses.append(float(step_metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+    eval_batch = _canvas_batch("validation", 4)
+    eval_batch["mask"] = np.asarray([1, 1, 1, 0], np.float32)  # the last row is padding
+    sums = data_parallel.unreplicate(eval_fn(state, data_parallel.shard_batch(eval_batch)))
+    assert sums["confusion"].sum() == 3 * 32 * 32 == sums["pixel_count"]
+    np.testing.assert_array_equal(
+        sums["confusion"].sum(1),
+        np.bincount(eval_batch["label"][:3].ravel(), minlength=canvases.NUM_CLASSES),
+    )
+    summary = metrics.summarize_dense_eval(metrics.accumulate([sums]))
+    assert 0.0 <= summary["mean_iou"] <= summary["pixel_accuracy"] <= 1.0
+
+
+def test_frozen_backbone_with_frozen_bn_stays_bit_identical():
+    model = _tiny_segmentation_model(bn_frozen=True)
+    variables = train_state.init_variables(model, jax.random.key(0), 32)
+    multipliers = finetune.lr_multipliers("linear_probe")
+    mask = finetune.trainable_mask(pretrained.param_groups(variables["params"]), multipliers)
+    data_parallel, tx, train_fn, _ = _compiled_steps(
+        model, variables["params"], trainable_mask=mask, multipliers=multipliers
+    )
+    state = data_parallel.replicate(train_state.create_train_state(variables, tx, use_ema=False))
+    state, _ = train_fn(state, data_parallel.shard_batch(_canvas_batch("train", 2)))
+    after = data_parallel.unreplicate(state)
+    jax.tree.map(
+        np.testing.assert_array_equal, after.params["backbone"], variables["params"]["backbone"]
+    )
+    jax.tree.map(np.testing.assert_array_equal, after.batch_stats, variables["batch_stats"])
+    assert not np.array_equal(
+        after.params["head"]["classifier"]["kernel"],
+        variables["params"]["head"]["classifier"]["kernel"],
+    )
+
+
+def test_pixel_cross_entropy_ignores_weighted_out_pixels():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 3)), jnp.float32)
+    labels = jnp.asarray([[[0, 2], [255, 1]]])
+    weights = dense_steps.pixel_weights(labels, ignore_index=255)
+    losses = dense_steps.pixel_cross_entropy(logits, labels, weights)
+    expected = -jax.nn.log_softmax(logits)[0, 0, 0, 0]
+    assert float(losses[0, 0, 0]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(losses[0, 1, 0]) == 0.0
+    np.testing.assert_allclose(optax.tree.norm(losses), optax.tree.norm(losses * weights))
