@@ -22,7 +22,7 @@ import ml_collections
 from resnet_jax import data, reporting, steps
 from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
-from resnet_jax.config import to_json, validate_config
+from resnet_jax.config import ConfigError, to_json, validate_config
 from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate, non_finite_paths
 from resnet_jax.models import ResNet
 from resnet_jax.parallel import DATA_AXIS, DataParallel
@@ -83,11 +83,14 @@ def log_run_summary(
     info = plan.info
     log_model_summary(config.model, info.image_size, info.num_classes, log=_log.info)
     _log.info(
-        "%s on %s: %d examples, %d classes, %dx%d; %d steps of global batch %d (%d per device on %d "
-        "devices, %d process(es)), %s, %s BN",
+        "%s on %s: %d train, %d eval (%s) and %d test examples, %d classes, %dx%d; %d steps of global "
+        "batch %d (%d per device on %d devices, %d process(es)), %s, %s BN",
         config.model,
         config.dataset,
         info.num_train_examples,
+        info.num_eval_examples,
+        info.eval_split,
+        info.num_test_examples,
         info.num_classes,
         info.image_size,
         info.image_size,
@@ -136,23 +139,30 @@ class _Run:
         if self.progress.disable:
             self.report(reporting.format_metrics(step, summary))
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, split: str = "eval") -> dict[str, float]:
+        """Exact metrics of the eval (validation) split as eval_*, or of the test split as test_*."""
         process_index, process_count = jax.process_index(), jax.process_count()
         batches = data.create_eval_batches(
             self.config,
             process_index=process_index,
             process_count=process_count,
             local_batch_size=self.plan.local_eval_batch_size,
+            split=split,
         )
+        info = self.plan.info
         total = data.num_eval_batches(
-            self.plan.info.num_eval_examples, process_count, self.plan.local_eval_batch_size
+            info.num_eval_examples if split == "eval" else info.num_test_examples,
+            process_count,
+            self.plan.local_eval_batch_size,
         )
         with contextlib.closing(
-            reporting.progress_bar(total, enabled=self.is_main, desc="eval")
+            reporting.progress_bar(total, enabled=self.is_main, desc=split)
         ) as bar:
             results = evaluate(
                 self.eval_fns, self.state, self.data_parallel, batches, lambda: bar.update(1)
             )
+        if split == "test":  # eval_loss -> test_loss, eval_ema_accuracy -> test_ema_accuracy
+            results = {"test" + name.removeprefix("eval"): value for name, value in results.items()}
         self.writer.write(step, results)
         self.writer.plot_curves()  # <workdir>/curves.png, redrawn at every eval
         self.report(reporting.format_metrics(step, results))
@@ -174,10 +184,11 @@ class _Run:
                 "Lower learning_rate, add warmup_epochs or grad_clip_norm, then rerun: the run resumes "
                 "from the last good checkpoint."
             )
+        # No data item: the data position is the step (`data.stream`), the same on any topology.
         self.checkpointer.save(
             step,
             state_to_save(self.data_parallel, self.state),
-            self.train_iter,
+            None,
             metrics=eval_metrics,
             force=force,
         )
@@ -210,6 +221,9 @@ def _train_loop(run: _Run, start_step: int) -> dict[str, float]:
             # divergence never overwrites the last good checkpoint.
             train_metrics.check_finite()
             run.save(step, eval_metrics, force=is_last or preempted)
+        if is_last and plan.info.num_test_examples:
+            # After the last save: the test split is reported, never used to rank checkpoints.
+            final.update(run.evaluate(step, split="test"))
         if preempted:
             run.checkpointer.wait_until_finished()
             _log.warning(preemption_message(step, run.workdir))
@@ -217,8 +231,34 @@ def _train_loop(run: _Run, start_step: int) -> dict[str, float]:
     return final
 
 
+def check_resume_batch_size(
+    config: ml_collections.ConfigDict, checkpointer: TrainingCheckpointer
+) -> None:
+    """Refuses, in one line, to resume across a change of the global batch size: the data position is
+    the step, and a step of another batch size is other examples."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return
+    try:
+        saved = checkpointer.saved_config(step) or {}
+    except Exception:  # a damaged config item: the resume's fallback judges that checkpoint
+        return
+    saved_batch_size = saved.get("batch_size")
+    if saved_batch_size is not None and saved_batch_size != config.batch_size:
+        raise ConfigError(
+            f"cannot resume from checkpoint {step} in {checkpointer.directory}: it was trained with "
+            f"global batch_size={saved_batch_size} and this run has batch_size={config.batch_size} (the "
+            f"data position is the step, so another batch size would read other examples); set "
+            f"--config.batch_size={saved_batch_size} to resume, or use a new --workdir "
+            "(config.init_from=<this workdir> fine-tunes from its weights)"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` with logs in `workdir`; returns the final metrics (train_*, eval_*).
+    """Trains `config` with logs in `workdir`; returns the final metrics (train_*, eval_*, test_*).
+
+    eval_* are the validation split's (evaluated on schedule; they rank the checkpoints); test_* are the
+    test split's, evaluated once after the last step when the dataset has one.
 
     Every process runs this; each reads only its share of the data, and only process 0 writes logs.
     Whatever way it ends (done, preempted, an error), the checkpointer, the metric writer and the
@@ -241,17 +281,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 config=to_json(config),
             )
         )
+        check_resume_batch_size(config, checkpointer)
+        state = initial_state(
+            config, data_parallel, model, optimization.tx, plan, checkpointer, None
+        )
+        start_step = int(data_parallel.unreplicate(state.step))
+        if start_step > 0:
+            _log.info(
+                "resuming from step %d (checkpoint %s)",
+                start_step,
+                checkpointer.step_directory(start_step),
+            )
         train_iter = data.create_train_iterator(
             config,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            local_batch_size=plan.local_batch_size,
+            global_batch_size=config.batch_size,
             seed=config.seed,
+            start_step=start_step,
         )
-        state = initial_state(
-            config, data_parallel, model, optimization.tx, plan, checkpointer, train_iter
-        )
-        start_step = int(data_parallel.unreplicate(state.step))
         train_fn, eval_fns = compile_steps(config, data_parallel, model, optimization)
         writer = cleanup.enter_context(
             contextlib.closing(reporting.MetricWriter(workdir, enabled=is_main))

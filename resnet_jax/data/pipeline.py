@@ -1,8 +1,11 @@
-"""The Grain input pipeline: config -> this process's shard -> decode, augment, batch -> process-local numpy.
+"""The Grain input pipeline: config -> splits -> this process's share -> decode, augment, batch -> numpy.
 
-Train: `grain.DataLoader` over an `IndexSampler` (endless, reshuffled each epoch from the seed, each process reading
-its own equal-length shard), so the iterator's position is a small JSON state (`get_state` / `set_state`) that the
-checkpoint stores and a resumed run continues from with exactly the next batch.
+Splits: every dataset has a train split, an eval split (validation: evaluated during training, it ranks the
+checkpoints) and possibly a test split (evaluated once, at the end, reported as test_*). Where the dataset has
+no validation split of its own (digits, TFDS datasets such as CIFAR, image folders without val/), a fixed
+share of train is held out for it, so model selection never looks at the test split.
+
+Train: `stream` (global batch k is the same examples on any topology; the data position is the global step).
 
 Eval: one pass, no shuffle, each process a contiguous slice of the split; batches padded to the local batch size
 with a 0/1 `mask` and every process yielding the same number of batches, so multi-host evaluation never waits on a
@@ -26,11 +29,14 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from resnet_jax.data import folder, sources, transforms
+from resnet_jax.data import folder, sources, stream, transforms
 from resnet_jax.data.sources import DataError
 
 DIGITS = "digits"
 FOLDER_PREFIX = "folder:"
+# The share of a TFDS train split held out for validation when the dataset has no validation split.
+VALIDATION_FRACTION = 0.1
+SPLIT_ROLES = ("train", "eval", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +45,11 @@ class DatasetInfo:
 
     num_classes: int
     num_train_examples: int  # whole train split, all processes (unreadable images excluded)
-    num_eval_examples: int  # whole eval split
+    num_eval_examples: int  # whole eval (validation) split
     image_size: int  # model input H = W after preprocessing
     class_names: tuple[str, ...]
+    num_test_examples: int = 0  # 0: the dataset has no test split apart from eval
+    eval_split: str = ""  # what eval is, for logs: "validation", "val/", ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +59,11 @@ class DatasetSpec:
     dataset: str
     data_dir: str | None
     train_split: str
-    eval_split: str
+    # Folders: None = val/ or validation/, else a share of train held out by path hash.
+    eval_split: str | None
+    test_split: str | None  # None: no test split (folders: root/test/ when present)
+    # > 0: eval is this share of train_split (chosen by index hash), and train is the rest.
+    held_out_fraction: float
     image_size: int
     augment: str
     normalization: str
@@ -68,13 +80,23 @@ class DatasetSpec:
             return "folder"
         return "tfds"
 
-    def source(self, split: str) -> sources.Source:
-        """The source of `split` (train_split or eval_split)."""
+    def source(self, role: str) -> sources.Source:
+        """The source of one of SPLIT_ROLES: "train", "eval" or "test"."""
+        if role not in SPLIT_ROLES:
+            raise ValueError(f"role must be one of {SPLIT_ROLES}, got {role!r}")
+        if self.kind == "folder":
+            return folder.FolderSource(self.folder_index(), role)
+        split = {"train": self.train_split, "eval": self.eval_split, "test": self.test_split}[role]
+        if split is None:
+            raise DataError(f"{self.dataset} has no {role} split")
         if self.kind == "digits":
             return sources.DigitsSource(split)
-        if self.kind == "folder":
-            return folder.FolderSource(
-                self.folder_index(), "train" if split == self.train_split else "eval"
+        if self.held_out_fraction > 0 and role != "test":
+            whole = sources.TfdsSource(self.dataset, self.train_split, self.data_dir)
+            held_out = sources.index_hash_fractions(len(whole)) < self.held_out_fraction
+            chosen = held_out if role == "eval" else ~held_out
+            return sources.Subset(
+                whole, np.flatnonzero(chosen), "validation" if role == "eval" else "rest"
             )
         return sources.TfdsSource(self.dataset, split, self.data_dir)
 
@@ -89,30 +111,46 @@ class DatasetSpec:
         )
 
 
+def _default_splits(
+    config: ml_collections.ConfigDict,
+) -> tuple[str, str | None, str | None, float, str]:
+    """(train, eval, test, held-out fraction, augment) of the configured dataset when the config says None."""
+    if config.dataset == DIGITS:
+        return "train", "validation", "test", 0.0, "none"
+    if config.dataset.startswith(FOLDER_PREFIX):
+        return "train", None, None, 0.0, "imagenet"
+    tfds = sources.tfds_defaults(config.dataset, config.data_dir)
+    small = tfds.image_side is not None and tfds.image_side <= 64
+    augment = "cifar" if small else "imagenet"
+    if tfds.validation_split is not None:
+        # Its own validation split is what such datasets (ImageNet) report; their test split may be unlabelled.
+        return tfds.train_split, tfds.validation_split, None, 0.0, augment
+    return tfds.train_split, "validation", tfds.test_split, VALIDATION_FRACTION, augment
+
+
 def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
     """The config's dataset choices, with the dataset's defaults where the config says None.
 
-    Default splits: digits train/test, folders train/val, TFDS train and validation (else test). Default
-    augment: none for digits (flips and crops change what a digit is), cifar for datasets of square images up
-    to 64 px, imagenet otherwise.
+    Default splits: digits train / validation / test (1,293 / 144 / 360, fixed and stratified); folders: see
+    `folder.index_folder`; TFDS: train and validation if the dataset has one (no test), else train less a
+    VALIDATION_FRACTION share held out by index hash, that share, and test. A config that names its
+    eval_split evaluates on that split during training and has no test split apart from it. Default augment:
+    none for digits (flips and crops change what a digit is), cifar for datasets of square images up to
+    64 px, imagenet otherwise.
     """
-    dataset = config.dataset
-    if dataset == DIGITS:
-        train_split, eval_split, default_augment = "train", "test", "none"
-    elif dataset.startswith(FOLDER_PREFIX):
-        train_split, eval_split, default_augment = "train", "val", "imagenet"
-    else:
-        tfds = sources.tfds_defaults(dataset, config.data_dir)
-        train_split, eval_split = tfds.train_split, tfds.eval_split
-        small = tfds.image_side is not None and tfds.image_side <= 64
-        default_augment = "cifar" if small else "imagenet"
+    train_split, eval_split, test_split, held_out, augment = _default_splits(config)
+    if config.eval_split is not None:
+        eval_split, held_out = config.eval_split, 0.0
+        test_split = test_split if test_split != eval_split else None
     return DatasetSpec(
-        dataset=dataset,
+        dataset=config.dataset,
         data_dir=config.data_dir,
         train_split=config.train_split or train_split,
-        eval_split=config.eval_split or eval_split,
+        eval_split=eval_split,
+        test_split=test_split,
+        held_out_fraction=held_out,
         image_size=config.image_size,
-        augment=config.augment or default_augment,
+        augment=config.augment or augment,
         normalization=config.normalization,
         crop_padding=config.crop_padding,
         folder_val_fraction=config.folder_val_fraction,
@@ -130,7 +168,7 @@ def _normalization_stats(spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[fl
     known = sources.KNOWN_STATS.get(spec.dataset.split("/")[0])
     if spec.kind == "tfds" and known is not None:
         return known
-    mean, std = sources.estimate_stats(spec.source(spec.train_split))
+    mean, std = sources.estimate_stats(spec.source("train"))
     logging.info(
         "Estimated mean %s and std %s of %s from 256 train images.", mean, std, spec.dataset
     )
@@ -142,17 +180,23 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     spec = dataset_spec(config)
     if spec.kind == "folder":
         index = spec.folder_index()
-        num_train, num_eval, class_names = len(index.train), len(index.eval), index.class_names
+        sizes = len(index.train), len(index.eval), len(index.test)
+        class_names, eval_split = index.class_names, index.eval_description
     else:
-        train = spec.source(spec.train_split)
-        num_train, num_eval = len(train), len(spec.source(spec.eval_split))
-        class_names = train.class_names
+        train = spec.source("train")
+        num_test = len(spec.source("test")) if spec.test_split is not None else 0
+        sizes = len(train), len(spec.source("eval")), num_test
+        class_names, eval_split = train.class_names, str(spec.eval_split)
+        if spec.held_out_fraction > 0:
+            eval_split = f"{spec.held_out_fraction:g} of {spec.train_split}, by index hash"
     return DatasetInfo(
         num_classes=len(class_names),
-        num_train_examples=num_train,
-        num_eval_examples=num_eval,
+        num_train_examples=sizes[0],
+        num_eval_examples=sizes[1],
+        num_test_examples=sizes[2],
         image_size=spec.image_size,
         class_names=tuple(class_names),
+        eval_split=eval_split,
     )
 
 
@@ -179,29 +223,6 @@ def eval_preprocessor(
     return transforms.EvalPreprocess(
         **_preprocess_options(dataset_spec(config)), batch_size=batch_size
     )
-
-
-class _PermutedSource:
-    """A source seen through a fixed permutation, so contiguous per-process shards are random subsets.
-
-    Grain's IndexSampler gives each process a contiguous range of record keys; folders (and some TFDS splits) are
-    ordered by class, so without this each process would train on a few classes only, which per-device
-    BatchNorm statistics would feel.
-    """
-
-    def __init__(self, source: sources.Source, seed: int):
-        self._source = source
-        self._seed = seed
-        self._order = np.random.default_rng(seed).permutation(len(source))
-
-    def __repr__(self) -> str:
-        return f"Permuted({self._source!r}, seed={self._seed})"
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[int(self._order[index])]
 
 
 class _EvalBatchSource:
@@ -248,50 +269,51 @@ def create_train_iterator(
     *,
     process_index: int,
     process_count: int,
-    local_batch_size: int,
+    global_batch_size: int,
     seed: int,
-) -> grain.DataLoaderIterator:
-    """An endless iterator of this process's training batches {'image': f32 (B,H,W,3), 'label': i32 (B,)}.
+    start_step: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """An endless iterator of this process's rows of the global training batches, from `start_step` on:
+    {'image': f32 (B/P,H,W,3), 'label': i32 (B/P,)}.
 
-    Deterministic from `seed` (shuffle order and augmentation), reshuffled every epoch. Every process must pass
-    the same seed: the shards are cut from one seed-fixed permutation of the split. Process p of N reads
-    `len(split) // N` examples (the same count on every process; the remainder is left out, differently each
-    seed), batched with drop_remainder, so an epoch is `len(split) // N // local_batch_size` batches per process.
-    The iterator's `get_state()` / `set_state()` are what `grain.checkpoint.CheckpointSave/Restore` store.
+    Global batch k (the batch of step k + 1) is a function of (seed, k) and of the dataset only, for any
+    number of processes, devices and workers (see `stream`); this process reads its rows
+    [p * B / P, (p + 1) * B / P) of it. Every process must pass the same seed. An epoch is
+    `len(train split) // global_batch_size` batches (the remainder is left out, differently each epoch).
+    Resume by passing the global step reached as `start_step`: nothing else needs saving.
     """
+    local_batch_size = global_batch_size // process_count
     _check_process_args(process_index, process_count, local_batch_size)
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32) for Grain, got {seed}")
-    spec = dataset_spec(config)
-    source = spec.source(spec.train_split)
-    per_process = len(source) // process_count
-    if per_process < local_batch_size:
-        raise DataError(
-            f"{spec.dataset} split {spec.train_split!r} has {len(source)} examples: {per_process} per process for "
-            f"{process_count} processes, fewer than one local batch of {local_batch_size}. Lower the batch size."
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch {global_batch_size} does not split over {process_count} processes"
         )
-    shard_options = grain.sharding.ShardOptions(
-        shard_index=process_index, shard_count=process_count, drop_remainder=True
-    )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options,
-        shuffle=True,
-        num_epochs=None,
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    spec = dataset_spec(config)
+    source = spec.source("train")
+    if len(source) < global_batch_size:
+        raise DataError(
+            f"{spec.dataset} split {spec.train_split!r} has {len(source)} training examples, fewer than one "
+            f"global batch of {global_batch_size}. Lower the batch size."
+        )
+    rows = stream.process_rows(
+        source,
+        transforms.TrainPreprocess(**_preprocess_options(spec)),
         seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
     )
-    loader = grain.DataLoader(
-        data_source=_PermutedSource(source, seed),
-        sampler=sampler,
-        operations=[
-            transforms.TrainPreprocess(**_preprocess_options(spec)),
-            transforms.DropUndecodable(),
-            grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True),
-        ],
-        shard_options=shard_options,
-        **_loader_options(config),
+    options = _loader_options(config)
+    return stream.iterate_batches(
+        rows,
+        local_batch_size=local_batch_size,
+        start_step=start_step,
+        read_options=options["read_options"],
+        num_workers=options["worker_count"],
+        worker_buffer_size=options["worker_buffer_size"],
     )
-    return iter(loader)
 
 
 def eval_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -312,15 +334,19 @@ def create_eval_batches(
     process_index: int,
     process_count: int,
     local_batch_size: int,
+    split: str = "eval",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over this process's slice of the eval split: {'image', 'label', 'mask'} batches.
+    """One pass over this process's slice of the eval split (or of the test split for split="test"):
+    {'image', 'label', 'mask'} batches.
 
     No shuffle, no augmentation. Across processes every example appears exactly once with mask 1.0; padding rows
     (zeros) have mask 0.0. Every process yields `num_eval_batches(...)` batches, all of `local_batch_size` rows.
     """
     _check_process_args(process_index, process_count, local_batch_size)
     spec = dataset_spec(config)
-    source = spec.source(spec.eval_split)
+    if split not in ("eval", "test"):
+        raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
+    source = spec.source(split)
     start, stop = eval_shard(len(source), process_index, process_count)
     total_batches = num_eval_batches(len(source), process_count, local_batch_size)
     yielded = 0

@@ -6,14 +6,14 @@ Every source is a Grain `RandomAccessDataSource` (`__len__` and `__getitem__`) w
 
 so one Grain pipeline (`resnet_jax.data.pipeline`) decodes, augments and batches all of them. Encoded bytes are
 decoded in the pipeline, not here, so JPEGs can be decoded at reduced size once the crop is known (PIL `draft`).
-Sources are picklable: Grain worker processes receive them. Grain compares `repr(source)` when it restores an
-iterator state, so every repr is stable across runs and machines.
+Sources are picklable: Grain worker processes receive them. Every repr is stable across runs and machines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -76,14 +76,69 @@ def estimate_stats(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Held-out shares: decided per example by a hash, so adding or removing examples never moves another one.
+
+
+def hash_fraction(key: str) -> float:
+    """A fixed number in [0, 1) for `key`, uniform over keys: an example is held out when it is below the share.
+
+    SHA-256 rather than a CRC: CRCs of names that differ in one digit (img001, img002, ...) are correlated.
+    """
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def index_hash_fractions(num_examples: int) -> np.ndarray:
+    """`hash_fraction`'s counterpart for records known only by their index (splitmix64 of the index)."""
+    z = np.arange(num_examples, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+class Subset(Source):
+    """The records `indices` of another source, in that order (a held-out share, or what remains of it)."""
+
+    def __init__(self, source: Source, indices: np.ndarray, name: str):
+        self.class_names = source.class_names
+        self._source, self._indices, self._name = source, np.asarray(indices, np.int64), name
+
+    def __repr__(self) -> str:
+        return f"{self._source!r}.{self._name}(num_examples={len(self)})"
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # scikit-learn's handwritten digits: the bundled offline dataset.
 
 DIGITS_NUM_TEST = 360  # 20% of 1,797, stratified
+# 10% of the other 1,437, stratified: model selection never looks at the test digits.
+DIGITS_NUM_VALIDATION = 144
+DIGITS_SPLITS = ("train", "validation", "test")
+
+
+def _stratified_take(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """A mask of `count` examples, each class's share of them by largest remainder (they add up to `count`)."""
+    class_sizes = np.bincount(labels, minlength=10)
+    quotas = class_sizes * count / len(labels)
+    taken = np.floor(quotas).astype(int)
+    taken[np.argsort(-(quotas - taken), kind="stable")[: count - taken.sum()]] += 1
+    mask = np.zeros(len(labels), bool)
+    for label in range(10):
+        members = np.flatnonzero(labels == label)
+        mask[rng.permutation(members)[: taken[label]]] = True
+    return mask
 
 
 @functools.cache
-def _digits_train_test() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train_images, train_labels, test_images, test_labels); images uint8 (N, 8, 8, 3)."""
+def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (images uint8 (N, 8, 8, 3), labels int32 (N,))} for train, validation and test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -92,24 +147,24 @@ def _digits_train_test() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(images[..., None], 3, axis=-1)
     labels = digits.target.astype(np.int32)
-    # A fixed, stratified 80/20 split: every class keeps its share in both parts, independent of any seed.
-    # Per-class test counts by largest remainder, so they add up to exactly DIGITS_NUM_TEST.
-    class_sizes = np.bincount(labels, minlength=10)
-    quotas = class_sizes * DIGITS_NUM_TEST / len(labels)
-    num_test = np.floor(quotas).astype(int)
-    num_test[
-        np.argsort(-(quotas - num_test), kind="stable")[: DIGITS_NUM_TEST - num_test.sum()]
-    ] += 1
+    # Fixed, stratified splits, independent of any seed: 20% test, then 10% of the rest for validation.
     rng = np.random.default_rng(20_170_101)
-    test_mask = np.zeros(len(labels), bool)
-    for label in range(10):
-        members = np.flatnonzero(labels == label)
-        test_mask[rng.permutation(members)[: num_test[label]]] = True
-    return images[~test_mask], labels[~test_mask], images[test_mask], labels[test_mask]
+    test = _stratified_take(labels, DIGITS_NUM_TEST, rng)
+    rest = np.flatnonzero(~test)
+    validation = np.zeros(len(labels), bool)
+    validation[rest[_stratified_take(labels[rest], DIGITS_NUM_VALIDATION, rng)]] = True
+    train = ~test & ~validation
+    return {
+        name: (images[mask], labels[mask])
+        for name, mask in (("train", train), ("validation", validation), ("test", test))
+    }
 
 
 class DigitsSource(Source):
     """scikit-learn's 1,797 handwritten digits (8x8 grey scans replicated to RGB), held in memory.
+
+    Splits: train (1,293), validation (144: evaluated during training, ranks checkpoints) and test (360:
+    reported at the end), all stratified by class and fixed.
 
     A plain in-memory source rather than a TFDS builder: preparing a builder writes files into a data dir on first
     use (and needs `importlib_resources` for a builder defined in a package), while this needs nothing but
@@ -119,13 +174,11 @@ class DigitsSource(Source):
     class_names = tuple(str(d) for d in range(10))
 
     def __init__(self, split: str):
-        train_images, train_labels, test_images, test_labels = _digits_train_test()
-        if split == "train":
-            self._images, self._labels = train_images, train_labels
-        elif split == "test":
-            self._images, self._labels = test_images, test_labels
-        else:
-            raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
+        if split not in DIGITS_SPLITS:
+            raise DataError(
+                f"digits has splits {', '.join(map(repr, DIGITS_SPLITS))}, not {split!r}"
+            )
+        self._images, self._labels = _digits_splits()[split]
         self._split = split
 
     def __repr__(self) -> str:
@@ -200,19 +253,25 @@ class TfdsDefaults:
     """What a TFDS dataset's metadata says about the defaults of its config keys."""
 
     train_split: str  # "train"
-    eval_split: str  # "validation" if the dataset has one, else "test"
+    validation_split: str | None  # "validation" if the dataset has one
+    test_split: str | None  # "test" if the dataset has one
     image_side: int | None  # of its images if all are one square size (CIFAR: 32), else None
 
 
 @functools.lru_cache(maxsize=16)
 def tfds_defaults(name: str, data_dir: str | None) -> TfdsDefaults:
-    """Default splits and the fixed image side of a TFDS dataset, from its builder's metadata."""
+    """The splits and the fixed image side of a TFDS dataset, from its builder's metadata."""
     info = _tfds_builder(name, data_dir).info
-    eval_split = "validation" if "validation" in info.splits.keys() else "test"
+    splits = info.splits.keys()
     image_key, _ = _tfds_image_label_keys(info)
     shape = getattr(info.features[image_key], "shape", None)
     side = int(shape[0]) if shape and shape[0] and shape[0] == shape[1] else None
-    return TfdsDefaults("train", eval_split, side)
+    return TfdsDefaults(
+        "train",
+        "validation" if "validation" in splits else None,
+        "test" if "test" in splits else None,
+        side,
+    )
 
 
 class TfdsSource(Source):

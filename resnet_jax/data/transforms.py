@@ -8,8 +8,8 @@ Images whose size differs from image_size are resized (bilinear, antialiased, as
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
 least image_size pixels wide (PIL `Image.draft`): decoding dominates input cost on ImageNet-sized photos.
 
-A training record that cannot be decoded becomes None (logged with its path) and `DropUndecodable` removes
-it; in eval it becomes a zero row with mask 0.
+A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
+next decodable example in its place (`stream.ReplaceUndecodable`); in eval it becomes a zero row with mask 0.
 
 `resize_and_center_crop`, `normalize` and the ImageNet statistics are also what `resnet_jax.predict` uses, so a
 prediction sees exactly the evaluation's pixels.
@@ -275,10 +275,3 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
             batch["label"][row] = element["label"]
             batch["mask"][row] = 1.0
         return batch
-
-
-class DropUndecodable(grain.transforms.Filter):
-    """Removes the None that TrainPreprocess returns for an undecodable record."""
-
-    def filter(self, element: dict[str, np.ndarray] | None) -> bool:
-        return element is not None
