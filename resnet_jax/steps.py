@@ -22,6 +22,7 @@ import optax
 from flax import traverse_util
 from jax import lax
 
+from resnet_jax.mixing import BatchMixing, mix_images, mix_targets
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
@@ -33,7 +34,21 @@ ApplyFn = Callable[..., Any]
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     """Per-example softmax cross-entropy, in float32, against labels smoothed by `label_smoothing`."""
     chex.assert_rank(logits, 2)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return soft_target_cross_entropy(
+        logits, jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+    )
+
+
+def soft_target_cross_entropy(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float
+) -> jax.Array:
+    """Per-example softmax cross-entropy, in float32, against (B, K) target distributions (one-hot or mixed).
+
+    Smoothing comes after mixing, as torch's `CrossEntropyLoss(label_smoothing=...)` treats the soft targets
+    of torchvision's mixup/cutmix recipe: targets * (1 - label_smoothing) + label_smoothing / K.
+    """
+    chex.assert_equal_shape([logits, targets])
+    targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -55,6 +70,30 @@ def _partition(params: PyTree, trainable_mask: PyTree | None) -> tuple[dict, dic
     return trainable, {path: value for path, value in flat.items() if not mask[path]}
 
 
+def _inputs_and_loss(
+    images: jax.Array,
+    labels: jax.Array,
+    step: jax.Array,
+    label_smoothing: float,
+    mixing: BatchMixing | None,
+    axis_name: str,
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """(the images the model trains on, their per-example loss as a function of the logits).
+
+    Without enabled `mixing`: the batch's images and the smoothed cross-entropy against its labels, exactly
+    as without any mixing option. With it: the mixed images and the cross-entropy against mixed targets.
+    """
+    if mixing is None or not mixing.enabled:
+        return images, lambda logits: cross_entropy_loss(logits, labels, label_smoothing)
+    images, label_weight = mix_images(mixing.step_key(step), images, mixing, axis_name)
+
+    def per_example_loss(logits: jax.Array) -> jax.Array:
+        targets = mix_targets(jax.nn.one_hot(labels, logits.shape[-1]), label_weight, axis_name)
+        return soft_target_cross_entropy(logits, targets, label_smoothing)
+
+    return images, per_example_loss
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -65,6 +104,7 @@ def train_step(
     label_smoothing: float,
     ema_decay: float,
     trainable_mask: PyTree | None = None,
+    mixing: BatchMixing | None = None,
     axis_name: str = "data",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update from this device's `batch` ({'image': (B, H, W, C) float, 'label': (B,) int}).
@@ -77,6 +117,11 @@ def train_step(
     gradient to the trainable parameters: a linear probe differentiates and all-reduces the head alone. The
     frozen parameters get zero updates (the optimizer must leave them unchanged, e.g. `optax.set_to_zero`).
 
+    `mixing` (None or not `enabled`: no mixing, and no mixing code compiled) mixes the images and one-hot
+    labels with mixup / CutMix over the global batch (see `resnet_jax.mixing`), with draws that are a function
+    of (mixing.seed, state.step) and so the same on any number of devices; the loss is then the
+    cross-entropy against the mixed targets, smoothed after mixing. Accuracy stays against the unmixed labels.
+
     Returns the new state and device-averaged metrics: loss, accuracy, top5_accuracy (of this batch, before
     the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged
     gradients of the trainable parameters).
@@ -86,6 +131,9 @@ def train_step(
     chex.assert_shape(labels, (images.shape[0],))
 
     trainable, frozen = _partition(state.params, trainable_mask)
+    images, per_example_loss = _inputs_and_loss(
+        images, labels, state.step, label_smoothing, mixing, axis_name
+    )
 
     def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
         params = traverse_util.unflatten_dict({**frozen, **trainable})
@@ -95,7 +143,7 @@ def train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        loss = jnp.mean(cross_entropy_loss(logits, labels, label_smoothing))
+        loss = jnp.mean(per_example_loss(logits))
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(
