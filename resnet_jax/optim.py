@@ -2,6 +2,8 @@
 
 Everything tunable is a config key; nothing here hides a constant. The pieces:
 
+- `scaled_learning_rate`: the peak learning rate of the run, by the linear scaling rule applied to the batch
+  size the run actually uses (`learning_rate_per_256`), or `learning_rate` as given.
 - `create_learning_rate_schedule`: linear warmup, then cosine decay, step decay or a constant. Schedules are
   functions of the optimizer step (0-based: the learning rate used by the update that makes step 1).
 - `weight_decay_mask`: which parameters get weight decay. Only kernels (ndim > 1: conv HWIO, dense (in, out));
@@ -31,6 +33,34 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
     return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
+def scaled_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """The run's peak learning rate: `learning_rate_per_256 * batch_size / 256` when learning_rate_per_256 > 0
+    (the linear scaling rule of Goyal et al. 2017), else `learning_rate`.
+
+    Applied here, at run time, to the global batch size the run uses, so `--config.batch_size=...` rescales
+    the rate; a rule evaluated inside a config file would not see the override.
+    """
+    # .get: configs built before the schema had learning_rate_per_256 still resolve to learning_rate.
+    per_256 = config.get("learning_rate_per_256", 0.0)
+    if per_256 < 0:
+        raise ValueError(f"learning_rate_per_256 must be >= 0, got {per_256}")
+    if per_256 > 0:
+        return float(per_256) * config.batch_size / 256
+    return float(config.learning_rate)
+
+
+def describe_learning_rate(config: ml_collections.ConfigDict) -> str:
+    """How the peak learning rate was resolved, for the run's log."""
+    learning_rate = scaled_learning_rate(config)
+    per_256 = config.get("learning_rate_per_256", 0.0)
+    if per_256 > 0:
+        return (
+            f"peak learning rate {learning_rate:g} = learning_rate_per_256 {per_256:g} x global batch "
+            f"{config.batch_size} / 256"
+        )
+    return f"peak learning rate {learning_rate:g} (config.learning_rate)"
+
+
 def create_learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
@@ -41,9 +71,10 @@ def create_learning_rate_schedule(
       `lr_decay_epochs` (in epochs) or `lr_decay_steps` (in steps; exactly one of the two is set).
     - "constant": linear warmup, then `learning_rate`.
 
-    Warmup starts at 0 and reaches `learning_rate` at step `warmup_steps` (Goyal et al. 2017).
+    Warmup starts at 0 and reaches the peak at step `warmup_steps` (Goyal et al. 2017). The peak
+    ("learning_rate" above) is `scaled_learning_rate(config)`.
     """
-    base_lr = config.learning_rate
+    base_lr = scaled_learning_rate(config)
     total_steps = total_train_steps(config, steps_per_epoch)
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     if warmup_steps >= total_steps and config.warmup_epochs > 0:
