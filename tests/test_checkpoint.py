@@ -440,6 +440,7 @@ def test_config_changes_refused_are_those_that_break_the_state():
     }
     assert config_changes(base, {**base, "model": "resnet34"}).refused() == ["model"]
     assert config_changes(base, {**base, "optimizer": "adamw"}).refused() == ["optimizer"]
+    assert config_changes(base, {**base, "batch_size": 64}).refused() == ["batch_size"]
     assert config_changes(base, {**base, "ema_decay": 0.9}).refused() == ["ema_decay"]
     assert config_changes(base, {**base, "grad_clip_norm": 1.0}).refused() == ["grad_clip_norm"]
     assert config_changes(base, {**base, "dtype": "bfloat16"}).refused() == []  # state stays f32

@@ -44,7 +44,6 @@ TINY = {
     "checkpoint_every_steps": 1,
     "checkpoints_to_keep": NUM_STEPS + 2,
 }
-DATA_FILE = os.path.join("data", "process_0-of-1.json")
 
 # kind -> [injected, survived]; printed when the module's tests are done.
 FAULTS: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -219,13 +218,20 @@ def _garble_state_metadata(step_dir: str) -> None:
         f.write('{"tree_metadata": {"params": ')
 
 
-def _delete_data_file(step_dir: str) -> None:
-    os.remove(os.path.join(step_dir, DATA_FILE))
+def _delete_state_manifest(step_dir: str) -> None:
+    os.remove(os.path.join(step_dir, "state", "manifest.ocdbt"))
 
 
-def _garble_data_file(step_dir: str) -> None:
-    with open(os.path.join(step_dir, DATA_FILE), "w") as f:
-        f.write("{not json")
+def _zero_state_data(step_dir: str) -> None:
+    """Bit rot: the second half of every array file of the state overwritten with zeros."""
+    for root, _, names in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(root) == "d":
+            for name in names:
+                path = os.path.join(root, name)
+                size = os.path.getsize(path)
+                with open(path, "r+b") as f:
+                    f.seek(size // 2)
+                    f.write(b"\0" * (size - size // 2))
 
 
 def _poison_batch_stats(step_dir: str) -> None:
@@ -253,8 +259,8 @@ DAMAGE = [
     ("truncated state data", _truncate_state_data),
     ("deleted state/_METADATA", _delete_state_metadata),
     ("garbled state/_METADATA", _garble_state_metadata),
-    ("deleted data iterator file", _delete_data_file),
-    ("garbled data iterator file", _garble_data_file),
+    ("deleted state/manifest.ocdbt", _delete_state_manifest),
+    ("zeroed state data (bit rot)", _zero_state_data),
     ("BN statistics poisoned with inf", _poison_batch_stats),
 ]
 

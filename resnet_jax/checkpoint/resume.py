@@ -59,14 +59,18 @@ def _is_on(value: Any) -> bool:
 
 # key -> (does this change break the checkpoint?, why). The TrainState's structure follows the model, the
 # number of classes (from the dataset), the optimizer, EMA on/off, gradient clipping on/off and the
-# fine-tuning parameter groups; the dataset also owns the data position. Everything else (learning rate,
-# schedule, length, logging, compute dtype: the state stays float32, image size: the classifier follows a
-# global pool, parallelism, BN sync) leaves the checkpoint usable.
+# fine-tuning parameter groups; the dataset and the global batch size define the data position (the step).
+# Everything else (learning rate, schedule, length, logging, compute dtype: the state stays float32, image
+# size: the classifier follows a global pool, parallelism, BN sync) leaves the checkpoint usable.
 REFUSED_CHANGES: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "model": (lambda old, new: old != new, "the checkpoint holds that model's parameters"),
     "dataset": (
         lambda old, new: old != new,
         "the classifier and the data position belong to that dataset",
+    ),
+    "batch_size": (
+        lambda old, new: old != new,
+        "the data position is the step, and a step of another global batch is other examples",
     ),
     "optimizer": (
         lambda old, new: old != new,
