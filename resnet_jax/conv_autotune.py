@@ -168,7 +168,8 @@ def choose_form(
             return _memory[key]
         path = cache_path()
         entry = _read_cache(path).get(key)
-        if entry is None or entry.get("form") not in forms:
+        # Re-time when the candidates changed since (a new form in this version of the code).
+        if entry is None or set(entry.get("ms", ())) != set(forms):
             # Outside any trace: jit and run the candidates in a thread of their own (trace state is per thread).
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 seconds = pool.submit(
