@@ -1,5 +1,6 @@
 """The data pipeline: sources (folder, TFDS, digits), sharding, determinism, resume, augmentation, exact eval."""
 
+import contextlib
 import io
 import logging
 import os
@@ -23,6 +24,7 @@ from resnet_jax.data import (
     folder,
     num_eval_batches,
     sources,
+    stream,
     transforms,
 )
 
@@ -113,50 +115,77 @@ def test_folder_classes_and_samples_match_torchvision_imagefolder(photo_tree):
         assert os.path.basename(os.path.dirname(path)) == index.class_names[label]
 
 
-def test_folder_held_out_split_is_deterministic_stratified_and_disjoint(photo_tree):
+def test_folder_held_out_split_is_deterministic_disjoint_and_decided_by_the_path_hash(photo_tree):
     first = folder.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
     folder.index_folder.cache_clear()
     second = folder.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
     assert first == second
-    assert not set(first.train) & set(first.eval)
-    # 11 files listed in cat/, 10 in the others: round(20%) = 2 held out per class. The corrupt file is
-    # removed after splitting; the class-name seed happens to keep it in cat's train share.
-    eval_per_class = np.bincount([label for _, label in first.eval], minlength=3)
-    assert eval_per_class.tolist() == [2, 2, 2]
+    assert not set(first.train) & set(first.eval) and first.test == ()
     assert len(first.train) + len(first.eval) == 30
+    for path, _ in first.train + first.eval:
+        held_out = sources.hash_fraction(os.path.relpath(path, photo_tree)) < 0.2
+        assert ((path, _) in first.eval) == held_out, path
+    # Every class has images on both sides (else index_folder raises): here 3, 1 and 1 of 10 held out.
+    eval_per_class = np.bincount([label for _, label in first.eval], minlength=3)
+    assert eval_per_class.tolist() == [3, 1, 1]
 
 
-def test_folder_corrupt_file_is_skipped_counted_and_logged(photo_tree, caplog):
-    with caplog.at_level(logging.WARNING):
-        index = folder.index_folder(str(photo_tree), val_fraction=0.2, max_bad_image_fraction=0.05)
-    assert index.bad_files == (str(photo_tree / "cat" / "broken.jpg"),)
-    assert "Skipping 1 of 31 images" in caplog.text and "broken.jpg" in caplog.text
-    info = dataset_info(
-        _config(
-            dataset=f"folder:{photo_tree}", folder_val_fraction=0.2, max_bad_image_fraction=0.05
-        )
-    )
-    assert info.num_train_examples + info.num_eval_examples == 30
-    assert info.class_names == ("Dog", "bird", "cat") and info.num_classes == 3
+@pytest.mark.parametrize("layout", ["classes", "train_folder"])
+def test_adding_and_removing_files_moves_no_other_file_between_train_and_eval(tmp_path, layout):
+    root = tmp_path / "grow"
+    classes_dir = root if layout == "classes" else root / "train"
+    rng = np.random.default_rng(0)
+
+    def add(class_name, names):
+        for name in names:
+            _save(
+                str(classes_dir / class_name / name),
+                rng.integers(0, 256, (6, 6, 3), np.uint8),
+                "PNG",
+            )
+
+    for class_name in ("a", "b"):
+        add(class_name, [f"{i:03d}.png" for i in range(40)])
+    before = folder.index_folder(str(root), val_fraction=0.25)
+    for class_name in ("a", "b", "c"):  # 60 more files per class, and a new class
+        add(class_name, [f"new{i:03d}.png" for i in range(60)])
+    os.remove(classes_dir / "a" / "007.png")
+    folder.index_folder.cache_clear()
+    after = folder.index_folder(str(root), val_fraction=0.25)
+    assert after.class_names == ("a", "b", "c")
+    kept = {path for path, _ in before.train + before.eval} - {str(classes_dir / "a" / "007.png")}
+    assert {p for p, _ in before.eval} & kept == {p for p, _ in after.eval} & kept
+    assert {p for p, _ in before.train} & kept == {p for p, _ in after.train} & kept
+    assert 0.15 < len(after.eval) / (len(after.train) + len(after.eval)) < 0.35
 
 
-def test_folder_too_many_corrupt_files_stops_with_their_names(photo_tree):
-    (photo_tree / "bird" / "empty.png").write_bytes(b"")
+def test_folder_with_one_class_or_a_class_without_train_or_eval_images_is_one_error(tmp_path):
+    def tree(name, counts):
+        for class_name, count in counts.items():
+            os.makedirs(tmp_path / name / class_name, exist_ok=True)
+            for i in range(count):
+                array = np.zeros((4, 4, 3), np.uint8)
+                _save(str(tmp_path / name / class_name / f"{i}.png"), array, "PNG")
+
+    def info(name):
+        return dataset_info(_config(dataset=f"folder:{tmp_path / name}", folder_val_fraction=0.3))
+
+    tree("one", {"only": 20})
+    with pytest.raises(DataError, match=r"has 1 class \(only\): a classifier needs at least two"):
+        info("one")
+    tree(
+        "few", {"many": 40, "few": 2}
+    )  # few/0.png and few/1.png hash to 0.93 and 0.62: none held out
     with pytest.raises(
-        DataError,
-        match=r"2 of 32 images .*broken\.jpg.*empty\.png|2 of 32 images .*empty\.png.*broken\.jpg",
+        DataError, match=r"no eval \(0.3 of the images, by path hash\) images in class\(es\) few"
     ):
-        dataset_info(_config(dataset=f"folder:{photo_tree}", max_bad_image_fraction=0.05))
-
-
-def test_folder_empty_or_missing_split_gives_one_clear_error(tmp_path, indexed_tree):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="No images found under .*empty.*ROOT/<class>/<image>"):
-        dataset_info(_config(dataset=f"folder:{tmp_path / 'empty'}"))
-    with pytest.raises(DataError, match="does not exist"):
-        dataset_info(_config(dataset=f"folder:{tmp_path / 'nowhere'}"))
-    with pytest.raises(DataError, match="has a 'train' split but no 'holdout' split"):
-        dataset_info(_indexed_config(indexed_tree, eval_split="holdout"))
+        info("few")
+    tree("split/train", {"full": 5, "empty": 0})
+    tree("split/val", {"full": 2, "empty": 2})
+    with pytest.raises(
+        DataError, match=r"no training images in class\(es\) empty\. Every class needs both"
+    ):
+        info("split")
 
 
 def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
@@ -172,12 +201,14 @@ def test_truncated_jpeg_that_passes_the_header_check_is_skipped_by_the_pipeline(
     info = dataset_info(config)  # identified by their headers: not caught up front
     assert (info.num_train_examples, info.num_eval_examples) == (25, 11)
     iterator = create_train_iterator(
-        config, process_index=0, process_count=1, local_batch_size=5, seed=0
+        config, process_index=0, process_count=1, global_batch_size=5, seed=0
     )
     with caplog.at_level(logging.WARNING):
         ids = np.concatenate([_ids(next(iterator))[0] for _ in range(10)])
     assert "Skipping undecodable image" in caplog.text and "999_truncated.jpg" in caplog.text
-    assert set(ids.tolist()) == set(range(24))  # every readable image still comes, in full batches
+    # Every readable image still comes, in full batches: the next decodable example stands in for the bad one.
+    assert set(ids.tolist()) == set(range(24))
+    assert [len(set(ids[:25].tolist())), len(set(ids[25:].tolist()))] == [24, 24]
     # In eval the bad image becomes a masked row: the batch count stays what every process expects.
     batches = list(
         create_eval_batches(config, process_index=0, process_count=1, local_batch_size=4)
@@ -201,89 +232,148 @@ def test_folder_train_val_subfolders_are_the_splits(indexed_tree):
     assert dataset_info(_indexed_config(indexed_tree, eval_split="test")).num_eval_examples == 10
 
 
+@contextlib.contextmanager
+def _cifar10_splits():
+    """cifar10's real splits (train, test; 32x32 images): tfds.testing.mock_data's metadata lists none."""
+    real = sources.tfds_defaults
+    sources.tfds_defaults = lambda name, data_dir: sources.TfdsDefaults("train", None, "test", 32)
+    try:
+        yield
+    finally:
+        sources.tfds_defaults = real
+
+
 def test_none_means_the_datasets_default_splits_and_augmentation(indexed_tree):
+    def splits(spec):
+        return (
+            spec.train_split,
+            spec.eval_split,
+            spec.test_split,
+            spec.held_out_fraction,
+            spec.augment,
+        )
+
     digits = dataset_spec(_config(dataset="digits"))
-    assert (digits.train_split, digits.eval_split, digits.augment) == ("train", "test", "none")
+    assert splits(digits) == ("train", "validation", "test", 0.0, "none")
     photos = dataset_spec(_config(dataset=f"folder:{indexed_tree}"))
-    assert (photos.train_split, photos.eval_split, photos.augment) == ("train", "val", "imagenet")
-    with tfds.testing.mock_data(num_examples=4):  # cifar10's metadata: 32x32 images, a test split
+    assert splits(photos) == (
+        "train",
+        None,
+        None,
+        0.0,
+        "imagenet",
+    )  # the folder's val/ (see index_folder)
+    with tfds.testing.mock_data(num_examples=4), _cifar10_splits():
         cifar = dataset_spec(_config(dataset="cifar10", data_dir="/nonexistent/tfds"))
-    assert (cifar.train_split, cifar.eval_split, cifar.augment) == ("train", "test", "cifar")
-    chosen = dataset_spec(_config(dataset="digits", augment="cifar", eval_split="train"))
-    assert (chosen.eval_split, chosen.augment) == ("train", "cifar")
+    assert splits(cifar) == (
+        "train",
+        "validation",
+        "test",
+        0.1,
+        "cifar",
+    )  # validation held out of train
+    # A config that names its eval split evaluates on it and has no test split apart from it.
+    chosen = dataset_spec(_config(dataset="digits", augment="cifar", eval_split="test"))
+    assert splits(chosen) == ("train", "test", None, 0.0, "cifar")
 
 
 # ------------------------------------------------------------------------------------- train iterator properties
 
 
-def test_two_processes_read_disjoint_equal_shards_covering_each_epoch(indexed_tree):
-    config = _indexed_config(indexed_tree)
-    epochs = {}
-    for process_index in range(2):
-        iterator = create_train_iterator(
-            config, process_index=process_index, process_count=2, local_batch_size=4, seed=3
+def _global_batches(config, process_count, num_steps, start_step=0, seed=3, global_batch_size=8):
+    """Global batches `start_step .. start_step + num_steps - 1`: every process's rows, concatenated."""
+    iterators = [
+        create_train_iterator(
+            config,
+            process_index=process_index,
+            process_count=process_count,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            start_step=start_step,
         )
-        batches = [
-            next(iterator) for _ in range(6)
-        ]  # 12 examples per process = 3 batches per epoch
-        for batch in batches:
-            ids, labels = _ids(batch)
-            np.testing.assert_array_equal(batch["label"], labels)  # label travels with its image
-        epoch_ids = [
-            np.concatenate([_ids(b)[0] for b in batches[e * 3 : e * 3 + 3]]) for e in range(2)
-        ]
-        assert len(set(epoch_ids[0])) == 12 and set(epoch_ids[0]) == set(epoch_ids[1])
-        assert not np.array_equal(epoch_ids[0], epoch_ids[1])  # reshuffled each epoch
-        epochs[process_index] = set(epoch_ids[0].tolist())
-    assert not epochs[0] & epochs[1]
-    assert epochs[0] | epochs[1] == set(range(24))
+        for process_index in range(process_count)
+    ]
+    batches = []
+    for _ in range(num_steps):
+        rows = [next(iterator) for iterator in iterators]
+        batches.append({key: np.concatenate([r[key] for r in rows]) for key in ("image", "label")})
+    return batches
 
 
-def test_uneven_split_gives_every_process_the_same_number_of_examples(indexed_tree):
+def _assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_array_equal(g["image"], w["image"], err_msg=f"batch {step}")
+        np.testing.assert_array_equal(g["label"], w["label"], err_msg=f"batch {step}")
+
+
+def test_global_batches_are_the_same_on_one_two_or_four_processes_and_reshuffled_each_epoch(
+    indexed_tree,
+):
     config = _indexed_config(indexed_tree)
-    seen = []
-    for process_index in range(5):  # 24 examples, 5 processes: 4 each, 4 left out
-        iterator = create_train_iterator(
-            config, process_index=process_index, process_count=5, local_batch_size=2, seed=0
-        )
-        ids = np.concatenate([_ids(next(iterator))[0] for _ in range(4)])
-        assert sorted(ids[:4]) == sorted(ids[4:])  # an epoch is 4 examples on every process
-        seen.append(set(ids.tolist()))
-    assert sum(len(s) for s in seen) == len(set().union(*seen)) == 20
+    one = _global_batches(config, 1, 9)  # 24 examples, global batch 8: 3 batches an epoch
+    for batch in one:
+        np.testing.assert_array_equal(
+            batch["label"], _ids(batch)[1]
+        )  # label travels with its image
+    epochs = [np.concatenate([_ids(b)[0] for b in one[e * 3 : e * 3 + 3]]) for e in range(3)]
+    assert all(
+        sorted(ids.tolist()) == list(range(24)) for ids in epochs
+    )  # each epoch: every example once
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    for process_count in (2, 4):
+        _assert_same_batches(_global_batches(config, process_count, 9), one)
+    # Process p holds rows [p * B / P, (p + 1) * B / P): process 1 of 2 reads rows 4..7.
+    second_half = next(
+        create_train_iterator(config, process_index=1, process_count=2, global_batch_size=8, seed=3)
+    )
+    np.testing.assert_array_equal(second_half["image"], one[0]["image"][4:])
+
+
+def test_an_epoch_leaves_out_the_remainder_differently_each_time(indexed_tree):
+    config = _indexed_config(indexed_tree)
+    batches = _global_batches(
+        config, 2, 6, global_batch_size=10
+    )  # 24 examples: 2 batches, 4 left out
+    epochs = [
+        set(np.concatenate([_ids(b)[0] for b in batches[e * 2 : e * 2 + 2]]).tolist())
+        for e in range(3)
+    ]
+    assert all(len(ids) == 20 for ids in epochs)
+    assert len({frozenset(ids) for ids in epochs}) > 1
 
 
 def test_same_seed_gives_same_batches_and_another_seed_differs():
     config = _config(dataset="digits", augment="cifar", image_size=8, crop_padding=2)
-
-    def first_batches(seed):
-        iterator = create_train_iterator(
-            config, process_index=0, process_count=1, local_batch_size=16, seed=seed
-        )
-        return [next(iterator) for _ in range(3)]
-
-    a, b, c = first_batches(7), first_batches(7), first_batches(8)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["label"], y["label"])
+    a, b, c = (_global_batches(config, 1, 3, seed=seed, global_batch_size=16) for seed in (7, 7, 8))
+    _assert_same_batches(a, b)
     assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_restored_iterator_state_continues_with_the_next_batch(num_workers):
-    config = _config(dataset="digits", image_size=8, augment="cifar", num_workers=num_workers)
-    kwargs = dict(process_index=1, process_count=2, local_batch_size=32, seed=5)
-    iterator = create_train_iterator(config, **kwargs)
-    for _ in range(25):  # past the end of the first epoch (718 examples per process = 22 batches)
-        next(iterator)
-    state = iterator.get_state()
-    expected = [next(iterator) for _ in range(2)]
+def test_a_resumed_stream_on_another_topology_continues_with_the_same_batches():
+    # Across the epoch boundary (1,293 train digits, global batch 64: 20 steps an epoch), with augmentation:
+    # one process read from step 0, four processes started at step 18 read exactly its batches 18..22.
+    config = _config(dataset="digits", image_size=8, augment="cifar", crop_padding=2)
+    uninterrupted = _global_batches(config, 1, 23, global_batch_size=64)
+    _assert_same_batches(
+        _global_batches(config, 4, 5, start_step=18, global_batch_size=64), uninterrupted[18:]
+    )
 
-    restored = create_train_iterator(config, **kwargs)
-    restored.set_state(state)
-    for want in expected:
-        got = next(restored)
-        np.testing.assert_array_equal(got["image"], want["image"])
-        np.testing.assert_array_equal(got["label"], want["label"])
+
+def test_worker_processes_give_the_same_batches_as_none():
+    config = _config(dataset="digits", image_size=8, augment="cifar", crop_padding=2)
+    in_process = _global_batches(config, 2, 3, start_step=19, global_batch_size=64)
+    config.num_workers = 2
+    _assert_same_batches(
+        _global_batches(config, 2, 3, start_step=19, global_batch_size=64), in_process
+    )
+
+
+def test_stream_seeds_of_neighbouring_run_seeds_are_far_apart():
+    # Grain seeds epoch e's shuffle with seed + e: run 5's epoch 1 must not be run 6's epoch 0.
+    seeds = [stream.derived_seed(seed, "order") for seed in range(100)]
+    assert min(abs(a - b) for a, b in zip(seeds, seeds[1:], strict=False)) > 1000
+    assert stream.derived_seed(0, "order") != stream.derived_seed(0, "augment")
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -297,10 +387,11 @@ def test_augmentation_output_shapes_dtypes_and_ranges(photo_tree, augment):
         augment=augment,
         normalization="imagenet",
         max_bad_image_fraction=0.05,
+        folder_val_fraction=0.2,  # 10% would hold out none of cat's 10 images (one clear error)
     )
     low, high = (0 - IMAGENET_MEAN) / IMAGENET_STD, (1 - IMAGENET_MEAN) / IMAGENET_STD
     batch = next(
-        create_train_iterator(config, process_index=0, process_count=1, local_batch_size=8, seed=0)
+        create_train_iterator(config, process_index=0, process_count=1, global_batch_size=8, seed=0)
     )
     evaluation = next(
         create_eval_batches(config, process_index=0, process_count=1, local_batch_size=8)
@@ -390,7 +481,7 @@ def test_eval_batches_count_every_example_once_with_mask(indexed_tree, process_c
 
 def test_eval_batches_with_worker_processes_equal_in_process_batches():
     # Each worker would batch its own share of the examples: batches are formed before the workers instead.
-    kwargs = dict(process_index=1, process_count=2, local_batch_size=64)
+    kwargs = dict(process_index=1, process_count=2, local_batch_size=64, split="test")
     in_process = list(create_eval_batches(_config(dataset="digits", image_size=8), **kwargs))
     with_workers = list(
         create_eval_batches(_config(dataset="digits", image_size=8, num_workers=2), **kwargs)
@@ -415,22 +506,16 @@ def test_eval_pads_with_fully_masked_batches_when_a_shard_is_empty(indexed_tree)
 
 def test_tfds_data_source_path_with_mock_data():
     config = _config(dataset="cifar10", data_dir="/nonexistent/tfds", image_size=32)
-    with tfds.testing.mock_data(num_examples=20):
+    with tfds.testing.mock_data(num_examples=40), _cifar10_splits():
         info = dataset_info(config)
-        assert (
-            info.num_classes,
-            info.num_train_examples,
-            info.num_eval_examples,
-            info.image_size,
-        ) == (
-            10,
-            20,
-            20,
-            32,
-        )
+        # cifar10 has no validation split: 10% of train, chosen by index hash, is held out for it.
+        held_out = int((sources.index_hash_fractions(40) < 0.1).sum())
+        sizes = (info.num_train_examples, info.num_eval_examples, info.num_test_examples)
+        assert (info.num_classes, info.image_size, sizes) == (10, 32, (40 - held_out, held_out, 40))
+        assert held_out > 0 and info.eval_split == "0.1 of train, by index hash"
         batch = next(
             create_train_iterator(
-                config, process_index=0, process_count=1, local_batch_size=8, seed=0
+                config, process_index=0, process_count=1, global_batch_size=8, seed=0
             )
         )
         assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].dtype == np.int32
@@ -438,10 +523,10 @@ def test_tfds_data_source_path_with_mock_data():
         masks = [
             b["mask"].sum()
             for b in create_eval_batches(
-                config, process_index=0, process_count=1, local_batch_size=8
+                config, process_index=0, process_count=1, local_batch_size=16, split="test"
             )
         ]
-        assert masks == [8, 8, 4]
+        assert masks == [16, 16, 8]
 
 
 class TinyJpegs(tfds.core.GeneratorBasedBuilder):
@@ -529,28 +614,39 @@ def test_prepare_without_tensorflow_says_to_install_the_extra():
 # --------------------------------------------------------------------------------------------------- digits
 
 
-def test_digits_is_the_whole_sklearn_set_with_a_fixed_stratified_split():
-    info = dataset_info(_config(dataset="digits", image_size=8))
-    assert (info.num_classes, info.num_train_examples, info.num_eval_examples, info.image_size) == (
-        10,
-        1437,
-        360,
-        8,
+def _all_rows(config, split):
+    batches = create_eval_batches(
+        config, process_index=0, process_count=1, local_batch_size=500, split=split
     )
-    test_labels = np.concatenate(
-        [
-            b["label"][b["mask"] > 0]
-            for b in create_eval_batches(
-                _config(dataset="digits", image_size=8),
-                process_index=0,
-                process_count=1,
-                local_batch_size=100,
-            )
-        ]
-    )
-    assert (
-        len(test_labels) == 360 and np.bincount(test_labels).min() >= 34
-    )  # every class ~20% of its members
+    return [(b["image"][b["mask"] > 0], b["label"][b["mask"] > 0]) for b in batches][0]
+
+
+def test_digits_is_the_whole_sklearn_set_in_fixed_stratified_train_validation_and_test_splits():
+    config = _config(dataset="digits", image_size=8, normalization="imagenet")
+    info = dataset_info(config)
+    sizes = (info.num_train_examples, info.num_eval_examples, info.num_test_examples)
+    assert (info.num_classes, info.image_size, sizes) == (10, 8, (1293, 144, 360))
+    validation_images, validation_labels = _all_rows(config, "eval")
+    test_images, test_labels = _all_rows(config, "test")
+    assert np.bincount(test_labels).min() >= 34  # every class ~20% of its members
+    assert np.bincount(validation_labels).min() >= 14  # and ~10% of the rest
+    # The three splits partition scikit-learn's 1,797 digits: every scan in exactly one of them.
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+
+    def key(image, label):
+        return image[..., 0].tobytes() + bytes([int(label)])
+
+    digits = load_digits()
+    scans = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    whole = Counter(key(image, label) for image, label in zip(scans, digits.target, strict=True))
+    parts = Counter()
+    for split in sources.DIGITS_SPLITS:
+        source = sources.DigitsSource(split)
+        parts.update(key(source[i]["image"], source[i]["label"]) for i in range(len(source)))
+    assert parts == whole
+    assert len(validation_images) == 144 and len(test_images) == 360
 
 
 def test_dataset_normalization_uses_the_train_split_statistics():
@@ -558,7 +654,7 @@ def test_dataset_normalization_uses_the_train_split_statistics():
     config = _config(dataset="digits", image_size=8, normalization="dataset")
     batch = next(
         create_train_iterator(
-            config, process_index=0, process_count=1, local_batch_size=1437, seed=0
+            config, process_index=0, process_count=1, global_batch_size=1293, seed=0
         )
     )
     np.testing.assert_allclose(batch["image"].mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
@@ -570,7 +666,7 @@ def test_dataset_normalization_uses_the_train_split_statistics():
 def test_digits_upsampled_to_a_larger_image_size():
     config = _config(dataset="digits", image_size=32, augment="cifar")
     batch = next(
-        create_train_iterator(config, process_index=0, process_count=1, local_batch_size=4, seed=0)
+        create_train_iterator(config, process_index=0, process_count=1, global_batch_size=4, seed=0)
     )
     assert batch["image"].shape == (4, 32, 32, 3)
 
@@ -581,8 +677,8 @@ def test_digits_pipeline_runs_without_importing_tensorflow():
         "from resnet_jax.config import base_config\n"
         "from resnet_jax.data import create_train_iterator, dataset_info\n"
         "c = base_config()\n"
-        "assert dataset_info(c).num_train_examples == 1437\n"
-        "next(create_train_iterator(c, process_index=0, process_count=1, local_batch_size=8, seed=0))\n"
+        "assert dataset_info(c).num_train_examples == 1293\n"
+        "next(create_train_iterator(c, process_index=0, process_count=1, global_batch_size=8, seed=0))\n"
         "print('tensorflow' in sys.modules)\n"
     )
     result = subprocess.run(
@@ -590,3 +686,29 @@ def test_digits_pipeline_runs_without_importing_tensorflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_folder_with_train_and_test_folders_holds_validation_out_of_train(tmp_path):
+    root = tmp_path / "cifar_like"
+    for split, per_class in (("train", 30), ("test", 3)):
+        for class_name in ("a", "b"):
+            for i in range(per_class):
+                array = np.full((4, 4, 3), i, np.uint8)
+                _save(str(root / split / class_name / f"{i:02d}.png"), array, "PNG")
+    config = _config(dataset=f"folder:{root}", image_size=4, augment="none")
+    info = dataset_info(config)
+    index = dataset_spec(config).folder_index()
+    # Validation (ranks checkpoints) is held out of train/ by path hash; test/ is reported apart.
+    assert info.eval_split == "0.1 of train/, by path hash" and info.num_test_examples == 6
+    assert info.num_train_examples + info.num_eval_examples == 60
+    assert all("/train/" in path for path, _ in index.eval) and set(index.eval).isdisjoint(
+        index.train
+    )
+    assert all("/test/" in path for path, _ in index.test)
+    test_rows = sum(
+        b["mask"].sum()
+        for b in create_eval_batches(
+            config, process_index=0, process_count=1, local_batch_size=4, split="test"
+        )
+    )
+    assert test_rows == 6
