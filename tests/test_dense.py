@@ -313,3 +313,25 @@ def test_pixel_cross_entropy_ignores_weighted_out_pixels():
     assert float(losses[0, 0, 0]) == pytest.approx(float(expected), rel=1e-6)
     assert float(losses[0, 1, 0]) == 0.0
     np.testing.assert_allclose(optax.tree.norm(losses), optax.tree.norm(losses * weights))
+
+
+def test_predictions_png_has_a_row_per_canvas_and_the_palette_colours(tmp_path):
+    from PIL import Image
+
+    from resnet_jax.dense import figures
+
+    source = canvases.DigitCanvases("test", 3, seed=0, canvas_size=32, digit_sizes=(8, 14))
+    records = [source[i] for i in range(3)]
+    images = np.stack([r["image"] for r in records])
+    labels = np.stack([r["label"] for r in records]).astype(np.int32)
+    path = tmp_path / figures.PREDICTIONS_FILENAME
+    figures.write_predictions(
+        str(path), images, labels, np.zeros_like(labels), canvases.NUM_CLASSES
+    )
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (3 * 96 + 4 * 4, 3 * 96 + 4 * 4, 3)
+    truth = grid[
+        4 : 4 + 96 : 3, 4 + 96 + 4 : 4 + 2 * 96 + 4 : 3
+    ]  # first row, truth panel, unscaled
+    palette = figures.class_palette(canvases.NUM_CLASSES)
+    np.testing.assert_array_equal(truth, palette[labels[0]])
