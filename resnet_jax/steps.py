@@ -80,8 +80,10 @@ def _inputs_and_loss(
 ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """(the images the model trains on, their per-example loss as a function of the logits).
 
-    Without enabled `mixing`: the batch's images and the smoothed cross-entropy against its labels, exactly
-    as without any mixing option. With it: the mixed images and the cross-entropy against mixed targets.
+    Without enabled `mixing` (None, or both alphas 0): the batch's images and the smoothed cross-entropy
+    against its labels, and no mixing code compiled. With it: the images and one-hot labels mixed over the
+    global batch (`resnet_jax.mixing`: the same on any number of devices) and the cross-entropy against the
+    mixed targets, smoothed after mixing as torchvision's recipe does.
     """
     if mixing is None or not mixing.enabled:
         return images, lambda logits: cross_entropy_loss(logits, labels, label_smoothing)
@@ -117,10 +119,7 @@ def train_step(
     gradient to the trainable parameters: a linear probe differentiates and all-reduces the head alone. The
     frozen parameters get zero updates (the optimizer must leave them unchanged, e.g. `optax.set_to_zero`).
 
-    `mixing` (None or not `enabled`: no mixing, and no mixing code compiled) mixes the images and one-hot
-    labels with mixup / CutMix over the global batch (see `resnet_jax.mixing`), with draws that are a function
-    of (mixing.seed, state.step) and so the same on any number of devices; the loss is then the
-    cross-entropy against the mixed targets, smoothed after mixing. Accuracy stays against the unmixed labels.
+    `mixing`: mixup / CutMix (see `_inputs_and_loss`); accuracy stays against the unmixed labels.
 
     Returns the new state and device-averaged metrics: loss, accuracy, top5_accuracy (of this batch, before
     the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged
