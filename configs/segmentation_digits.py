@@ -1,8 +1,9 @@
 r"""Semantic segmentation of digit canvases on the default run's backbone: FPN + head, trained on CPU.
 
-NOT RUNNABLE YET: the keys marked (*) below are not in `resnet_jax.config.base_config()` and the trainer does
-not dispatch on `task` yet; this file states the recipe the integration makes runnable (the plan is in the
-report of the dense work). Until then `validate_config` rejects it with "unknown config key(s)".
+NOT RUNNABLE YET: the trainer does not dispatch on a task and has no "digit_canvases" dataset yet (training
+stops at the dataset lookup). The keys it will need are in `PENDING_KEYS` below, not yet in
+`resnet_jax.config.base_config()`, so this recipe validates today; the integration adds them to the schema
+and moves them into `get_config()`.
 
 Run (after integration; the first line is the default classification run whose backbone this starts from):
   python train.py --config configs/default.py --workdir runs/default
@@ -24,27 +25,27 @@ conv autotuning. So the smoke mode below uses 48 px canvases; a full run at 64 p
 
 from resnet_jax.config import base_config
 
+# Keys the integration adds to base_config(), with this recipe's values.
+PENDING_KEYS = {
+    "task": "segmentation",  # "classification" (default) | "segmentation"
+    "fpn_channels": 32,  # FPN width (64 in the tiny example of the issue)
+    "head_channels": 32,  # per-level conv width of the segmentation head
+    "head_norm": "group",  # "group" (no state; small batches) | "batch"
+    "canvas_size": 48,  # canvas side = model input (image_size follows it)
+    "canvas_digit_sizes": (10, 20),  # digit side range in px (the backbone saw 16 px digits)
+    "canvas_train_examples": 4096,  # canvases per split (generated on access, deterministic)
+    "canvas_eval_examples": 512,  # validation and test canvases each
+    "best_metric": "eval_mean_iou",  # keep-best ranks by mean IoU, not eval_accuracy
+}
+
 
 def get_config():
     config = base_config()
-    config.task = "segmentation"  # (*) "classification" (default) | "segmentation"
     # The backbone: the default run's network, so --config.init_from=runs/default fits it.
     config.model = "cifar_resnet20"
-    config.fpn_channels = 32  # (*) FPN width (64 in the FPN paper's small settings)
-    config.head_channels = 32  # (*) per-level conv width of the segmentation head
-    config.head_norm = "group"  # (*) "group" (no state; small batches) | "batch"
 
-    config.dataset = "digit_canvases"  # (*) a new dataset name: resnet_jax.dense.canvases
-    config.canvas_size = 48  # (*) canvas side = model input (image_size follows it)
-    config.canvas_digit_sizes = (
-        10,
-        20,
-    )  # (*) digit side range in px (the backbone saw 16 px digits)
-    config.canvas_train_examples = (
-        4096  # (*) canvases per split (generated on access, deterministic)
-    )
-    config.canvas_eval_examples = 512  # (*) validation and test canvases each
-    config.image_size = 48
+    config.dataset = "digit_canvases"  # a new dataset name: resnet_jax.dense.canvases
+    config.image_size = 48  # = PENDING_KEYS["canvas_size"]
     config.augment = "none"  # flips change what a digit is; canvases are already randomly laid out
     config.normalization = "dataset"  # the digits' train statistics (DigitCanvases.stats)
     config.eval_split = "validation"
@@ -64,7 +65,6 @@ def get_config():
     config.warmup_epochs = 0.25
     config.label_smoothing = 0.0  # per-pixel cross-entropy takes no smoothing
 
-    config.best_metric = "eval_mean_iou"  # (*) keep-best ranks by mean IoU, not eval_accuracy
     config.log_every_steps = 20
     config.eval_every_steps = 128
     config.checkpoint_every_steps = 128
