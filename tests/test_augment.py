@@ -177,3 +177,37 @@ def test_random_erasing_probability_and_mean_value():
     erased = [augment.random_erasing(image, rng, p=0.1) is not image for _ in range(2000)]
     assert 0.07 < np.mean(erased) < 0.13
     assert augment.erasing_value((0.485, 0.456, 0.406)) == (124, 116, 104)
+
+
+def test_erasing_a_normalized_float_image_to_zero_is_erasing_the_uint8_image_to_the_mean():
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    image = random_image(32, 32)
+    erased_uint8 = augment.random_erasing(
+        image, np.random.default_rng(1), p=1.0, value=augment.erasing_value(mean)
+    )
+    normalized = ((image / 255.0 - mean) / std).astype(np.float32)
+    erased_float = augment.random_erasing(normalized, np.random.default_rng(1), p=1.0, value=0)
+    assert erased_float.dtype == np.float32
+    # Same box; inside it the uint8 route is off by the rounding of the mean (< 0.5 / 255 / std).
+    np.testing.assert_allclose(
+        (erased_uint8 / 255.0 - mean) / std, erased_float, atol=0.5 / 255 / 0.224
+    )
+    assert np.any(erased_float == 0.0)
+
+
+def test_auto_augment_dispatches_to_the_named_policy():
+    image = random_image(24, 24)
+    for policy, direct in (
+        ("trivial_augment", augment.trivial_augment_wide),
+        ("rand_augment", augment.rand_augment),
+    ):
+        for seed in range(3):
+            np.testing.assert_array_equal(
+                augment.auto_augment(image, np.random.default_rng(seed), policy),
+                direct(image, np.random.default_rng(seed)),
+            )
+    rng = np.random.default_rng(0)
+    assert augment.auto_augment(image, rng, "none") is image
+    assert rng.random() == np.random.default_rng(0).random()  # "none" draws nothing
+    with pytest.raises(ValueError, match="policy"):
+        augment.auto_augment(image, rng, "autoaugment")

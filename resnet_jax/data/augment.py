@@ -229,6 +229,31 @@ def rand_augment(
     return image
 
 
+AUTO_AUGMENT_POLICIES = ("none", "trivial_augment", "rand_augment")
+
+
+def auto_augment(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    policy: str,
+    *,
+    num_ops: int = RAND_AUGMENT_NUM_OPS,
+    magnitude: int = RAND_AUGMENT_MAGNITUDE,
+    interpolation: str = "nearest",
+) -> np.ndarray:
+    """The named policy of AUTO_AUGMENT_POLICIES on one uint8 crop ("none": the crop, no draw from `rng`);
+    num_ops and magnitude are RandAugment's. torchvision's reference recipe passes interpolation="bilinear"."""
+    if policy == "none":
+        return image
+    if policy == "trivial_augment":
+        return trivial_augment_wide(image, rng, interpolation=interpolation)
+    if policy == "rand_augment":
+        return rand_augment(image, rng, num_ops, magnitude, interpolation=interpolation)
+    raise ValueError(
+        f"unknown auto_augment policy {policy!r}; expected one of {AUTO_AUGMENT_POLICIES}"
+    )
+
+
 def erasing_value(mean: Sequence[float]) -> tuple[int, ...]:
     """The uint8 pixel closest to the normalization `mean` (of pixel / 255): erasing to it before
     normalization is torchvision's RandomErasing(value=0) after it, up to that rounding."""
@@ -243,7 +268,10 @@ def random_erasing(
     ratio: tuple[float, float] = ERASING_RATIO,
     value: int | Sequence[int] = 0,
 ) -> np.ndarray:
-    """torchvision `RandomErasing(p, scale, ratio, value)` on a uint8 (H, W, C) image.
+    """torchvision `RandomErasing(p, scale, ratio, value)` on an (H, W, C) image of any dtype.
+
+    torchvision erases the normalized float image to 0; here that is `value=0` on a normalized image, or
+    `value=erasing_value(mean)` on the uint8 image before normalization (equal up to the rounding of the mean).
 
     With probability p, a rectangle of area fraction ~ U(scale) and aspect ratio (height / width)
     log-uniform in `ratio` (sides rounded to pixels) at a uniform position is set to `value` (a pixel value,
