@@ -335,3 +335,86 @@ def test_predictions_png_has_a_row_per_canvas_and_the_palette_colours(tmp_path):
     ]  # first row, truth panel, unscaled
     palette = figures.class_palette(canvases.NUM_CLASSES)
     np.testing.assert_array_equal(truth, palette[labels[0]])
+
+
+MULTI_DEVICE_SCRIPT = r"""
+import functools, pickle, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import linen as nn
+from resnet_jax import optim, train_state
+from resnet_jax.config import base_config
+from resnet_jax.dense import canvases, SegmentationModel
+from resnet_jax.dense import steps as dense_steps
+from resnet_jax.models import create_model
+from resnet_jax.parallel import DATA_AXIS, DataParallel
+
+backbone = create_model("cifar_resnet20", num_classes=0, stage_sizes=(1, 1), stage_widths=(8, 16),
+                        conv=nn.Conv, bn_axis_name=DATA_AXIS)
+model = SegmentationModel(backbone=backbone, num_classes=canvases.NUM_CLASSES, fpn_channels=8,
+                          head_channels=8, conv=nn.Conv)
+config = base_config()
+config.update({"optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 0.0})
+schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=100)
+tx = optim.create_optimizer(config, schedule)
+variables = train_state.init_variables(model, jax.random.key(0), 16)
+source = canvases.DigitCanvases("train", 4, canvas_size=16, digit_sizes=(6, 8), seed=1)
+records = [source[i] for i in range(4)]
+labels = np.stack([r["label"] for r in records]).astype(np.int32)
+labels[0, :6] = 255  # ignored pixels on the first device only: the loss must still be the global mean
+batch = {"image": np.stack([r["image"] for r in records]).astype(np.float32) / 255.0, "label": labels}
+eval_batch = dict(batch, mask=np.asarray([1, 1, 1, 0], np.float32))
+
+def run(parallelism, devices):
+    data_parallel = DataParallel(parallelism, devices=devices)
+    train_fn = data_parallel.compile(functools.partial(
+        dense_steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=schedule,
+        ignore_index=255, axis_name=DATA_AXIS), donate_state=False)
+    eval_fn = data_parallel.compile(functools.partial(
+        dense_steps.eval_step, apply_fn=model.apply, num_classes=canvases.NUM_CLASSES,
+        ignore_index=255, axis_name=DATA_AXIS), donate_state=False)
+    state = data_parallel.replicate(train_state.create_train_state(variables, tx, use_ema=False))
+    state, metrics = train_fn(state, data_parallel.shard_batch(batch))
+    sums = eval_fn(state, data_parallel.shard_batch(eval_batch))
+    return data_parallel.unreplicate({"params": state.params, "metrics": metrics, "sums": sums})
+
+results = {"one": run("shard_map", jax.devices()[:1]), "shard_map": run("shard_map", jax.devices()[:2]),
+           "pmap": run("pmap", jax.devices()[:2])}
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(jax.tree.map(np.asarray, results), f)
+"""
+
+
+def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(tmp_path):
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    out = tmp_path / "results.pkl"
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = pickle.loads(out.read_bytes())
+    one = results["one"]
+    for name in ("shard_map", "pmap"):
+        many = results[name]
+        np.testing.assert_allclose(many["metrics"]["loss"], one["metrics"]["loss"], rtol=1e-5)
+        jax.tree.map(
+            functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+            many["params"],
+            one["params"],
+        )
+        np.testing.assert_array_equal(many["sums"]["confusion"], one["sums"]["confusion"])
+        assert many["sums"]["pixel_count"] == one["sums"]["pixel_count"] == 3 * 16 * 16 - 6 * 16
