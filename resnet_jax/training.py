@@ -254,6 +254,27 @@ def check_resume_batch_size(
         )
 
 
+def train_batches_from(
+    config: ml_collections.ConfigDict, checkpointer: TrainingCheckpointer, start_step: int
+) -> Any:
+    """This process's training batches from global step `start_step` on: the data position is the step,
+    so a resumed run (on any topology with the same global batch) reads the uninterrupted run's batches."""
+    if start_step > 0:
+        _log.info(
+            "resuming from step %d (checkpoint %s)",
+            start_step,
+            checkpointer.step_directory(start_step),
+        )
+    return data.create_train_iterator(
+        config,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` with logs in `workdir`; returns the final metrics (train_*, eval_*, test_*).
 
@@ -286,20 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config, data_parallel, model, optimization.tx, plan, checkpointer, None
         )
         start_step = int(data_parallel.unreplicate(state.step))
-        if start_step > 0:
-            _log.info(
-                "resuming from step %d (checkpoint %s)",
-                start_step,
-                checkpointer.step_directory(start_step),
-            )
-        train_iter = data.create_train_iterator(
-            config,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-        )
+        train_iter = train_batches_from(config, checkpointer, start_step)
         train_fn, eval_fns = compile_steps(config, data_parallel, model, optimization)
         writer = cleanup.enter_context(
             contextlib.closing(reporting.MetricWriter(workdir, enabled=is_main))
