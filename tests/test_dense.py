@@ -418,3 +418,54 @@ def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(tmp_path)
         )
         np.testing.assert_array_equal(many["sums"]["confusion"], one["sums"]["confusion"])
         assert many["sums"]["pixel_count"] == one["sums"]["pixel_count"] == 3 * 16 * 16 - 6 * 16
+
+
+def _segmentation_config():
+    """The recipe with its pending keys, shrunk to tiny sizes."""
+    import importlib.util
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "segmentation_digits", os.path.join(repo, "configs", "segmentation_digits.py")
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = recipe.get_config()
+    config.update(recipe.PENDING_KEYS)
+    config.update(
+        {"canvas_size": 16, "canvas_digit_sizes": (6, 8), "fpn_channels": 8, "head_channels": 8}
+    )
+    return config
+
+
+def test_task_pieces_train_evaluate_and_draw_from_the_recipe(tmp_path):
+    from resnet_jax.dense import task
+
+    config = _segmentation_config()
+    model = task.create_model_from_config(config, canvases.NUM_CLASSES, conv=nn.Conv)
+    variables = train_state.init_variables(model, jax.random.key(0), config.canvas_size)
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10)
+    tx = optim.create_optimizer(config, schedule)
+    data_parallel = DataParallel(config.parallelism, devices=jax.devices()[:1])
+    train_fn, eval_fns = task.compile_steps(
+        config, data_parallel, model, tx=tx, learning_rate_fn=schedule, trainable_mask=None
+    )
+    state = data_parallel.replicate(train_state.create_train_state(variables, tx, use_ema=False))
+    mean, std = task.canvas_source(config, "train").stats()
+    train_records = [task.canvas_source(config, "train")[i] for i in range(4)]
+    batch = task.collate(train_records, mean, std)
+    state, step_metrics = train_fn(state, data_parallel.shard_batch(batch))
+    assert np.isfinite(float(step_metrics["loss"]))
+
+    validation = task.canvas_source(config, "validation")
+    eval_batch = task.collate([validation[i] for i in range(3)], mean, std, batch_size=4)
+    sums = data_parallel.unreplicate(eval_fns["eval"](state, data_parallel.shard_batch(eval_batch)))
+    summary = task.summarize_eval([sums, sums])
+    assert set(summary) == {"loss", "pixel_accuracy", "mean_iou"}
+
+    host = data_parallel.unreplicate(state)
+    path = task.write_predictions_png(
+        str(tmp_path), model, host.variables, validation, mean, std, count=2
+    )
+    assert path.endswith("predictions.png") and (tmp_path / "predictions.png").stat().st_size > 0
