@@ -379,8 +379,7 @@ def test_resume_skips_a_truncated_state_file_and_non_finite_values(tmp_path):
     assert step == 1
     assert_states_equal(restored, states[1])
     moved = sorted(os.listdir(checkpoints / "unusable"))
-    # Small arrays' headers live beside their data: the metadata read already fails.
-    assert moved[0] == "2.non-finite" and moved[1] in ("3.bad-state-data", "3.unreadable-state")
+    assert moved[0] == "2.non-finite" and moved[1] in ("3.bad-state-data", "3.restore-failed")
 
 
 def test_no_usable_checkpoint_is_one_error_listing_each_one_tried(tmp_path):
@@ -545,3 +544,18 @@ def test_two_processes_agree_to_move_aside_a_checkpoint_only_one_of_them_cannot_
     assert "next [4, 5]" in outputs[0][0] and "next [24, 25]" in outputs[1][0]
     # Named by process 0, which renames it: its reason is the other process's.
     assert os.listdir(tmp_path / "checkpoints" / "unusable") == ["3.unreadable-on-another-process"]
+
+
+def test_arrays_of_another_shape_are_an_incompatible_state_not_damage(tmp_path):
+    _save_steps(tmp_path, [1])
+    target = make_state(5)
+    target = target.replace(
+        params={**target.params, "fc": {"kernel": jnp.zeros((4, 7)), "bias": jnp.zeros(7)}}
+    )
+    with TrainingCheckpointer(tmp_path, save_every_steps=1) as checkpointer:
+        with pytest.raises(IncompatibleCheckpointError) as error:
+            restore_newest_usable(checkpointer, target)
+        assert checkpointer.all_steps() == [1]  # intact: not moved aside
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("0 missing, 0 unexpected, 2 mis-shaped"), lines[0]
+    assert "params/fc/kernel: (4, 10), expected (4, 7)" in str(error.value)

@@ -8,6 +8,7 @@ params and batch_stats from such a checkpoint, use `resnet_jax.checkpoint.load_v
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -154,9 +155,25 @@ class TrainingCheckpointer:
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
+    def saved_state_paths(self, step: int) -> list[str]:
+        """The leaf paths (`params/fc/kernel`) of the saved TrainState, from `state/_METADATA` alone.
+
+        No array file is opened, so damaged array files cannot get in the way (the restore finds those).
+        Raises OSError or ValueError when `_METADATA` is missing or garbled.
+        """
+        path = os.path.join(self.step_directory(step), STATE_ITEM, "_METADATA")
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["tree_metadata"].values()
+        return [
+            "/".join(str(key["key"]) for key in entry["key_metadata"])
+            for entry in entries
+            if entry["value_metadata"].get("value_type")
+            != "None"  # ema_params without EMA: no leaf
+        ]
+
     def saved_state_metadata(self, step: int) -> PyTree:
-        """The saved TrainState's tree of `ArrayMetadata` (shapes, dtypes), read from `state/_METADATA`
-        without reading any array. Raises (FileNotFoundError, a JSON error, ...) when that file is damaged."""
+        """The saved TrainState's tree of `ArrayMetadata` (global shapes, dtypes). Reads every array's header,
+        so it raises on damaged array files."""
         handler = ocp.PyTreeCheckpointHandler()
         try:
             return handler.metadata(epath.Path(self.step_directory(step), STATE_ITEM)).tree

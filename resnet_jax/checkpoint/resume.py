@@ -155,10 +155,10 @@ def _key_name(key: Any) -> str:
 
 
 def tree_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    """`{"opt_state/1/0/trace/fc/kernel": shape}` for any pytree of arrays or array metadata.
+    """`{"opt_state/1/0/trace/fc/kernel": shape}` for a pytree of arrays.
 
-    Orbax's metadata holds dicts and lists where the TrainState has dataclasses, named tuples and tuples;
-    their paths read the same (field names, indices), so the two trees compare path by path.
+    The paths read like Orbax's saved key paths (field names of dataclasses and named tuples, indices of
+    tuples), so a TrainState compares path by path with what `TrainingCheckpointer` reads back.
     """
     return {
         "/".join(_key_name(key) for key in path): tuple(leaf.shape)
@@ -167,7 +167,7 @@ def tree_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 
 
 def check_structure(
-    saved_metadata: PyTree,
+    saved_shapes: Mapping[str, tuple[int, ...] | None],
     target_state: PyTree,
     where: str,
     hint: str,
@@ -175,10 +175,16 @@ def check_structure(
 ) -> None:
     """Raises IncompatibleCheckpointError when the saved TrainState's paths or shapes differ from the target's.
 
-    The message starts with a summary line and the hint, lists at most `MAX_LISTED` paths per kind, and writes
-    the full lists to `report_path` when they are longer.
+    `saved_shapes` maps each saved path to its shape, or None where only the path is known. The message
+    starts with a summary line and the hint, lists at most `MAX_LISTED` paths per kind, and writes the full
+    lists to `report_path` when they are longer.
     """
-    diff = diff_shapes(tree_shapes(abstract_like(target_state)), tree_shapes(saved_metadata))
+    target = tree_shapes(abstract_like(target_state))
+    saved = {
+        path: target.get(path, ()) if shape is None else shape
+        for path, shape in saved_shapes.items()
+    }
+    diff = diff_shapes(target, saved)
     if not diff:
         return
     summary = f"cannot resume {where}: its training state does not fit this run's"
@@ -211,9 +217,9 @@ def _readable_problem(checkpointer: TrainingCheckpointer, step: int, data: bool)
     if not os.path.isfile(os.path.join(checkpointer.step_directory(step), STATE_ITEM, "_METADATA")):
         return "state/_METADATA is missing"
     try:
-        checkpointer.saved_state_metadata(step)
-    except Exception as e:  # garbled metadata or array headers: Orbax raises several kinds
-        return f"the saved state's metadata is unreadable ({_short(e)})"
+        checkpointer.saved_state_paths(step)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # garbled JSON or another layout
+        return f"state/_METADATA is unreadable ({_short(e)})"
     if data:
         checkpointer.check_data_processes(step)  # another process count: an error, not damage
         path = checkpointer.data_file(step)
@@ -240,7 +246,7 @@ def _slug(problem: str) -> str:
     """A short directory-name reason for `problem`."""
     for needle, slug in (
         ("_METADATA is missing", "missing-state-metadata"),
-        ("metadata is unreadable", "unreadable-state"),
+        ("_METADATA is unreadable", "bad-state-metadata"),
         ("array file", "bad-state-data"),
         ("data iterator", "bad-data-file"),
         ("non-finite", "non-finite"),
@@ -272,8 +278,9 @@ def _check_fits(
     step: int,
     target_state: PyTree,
     config: Mapping[str, Any] | None,
-) -> ConfigChanges:
-    """Raises IncompatibleCheckpointError for a refused config change or a state that does not fit."""
+) -> tuple[ConfigChanges, str]:
+    """Raises IncompatibleCheckpointError for a refused config change or saved paths that differ from the
+    target's; returns the config changes and the hint a later shape mismatch is worded with."""
     where = f"from checkpoint {step} in {checkpointer.directory}"
     changes = ConfigChanges({})
     saved = _saved_config(checkpointer, step)
@@ -286,13 +293,13 @@ def _check_fits(
     )
     hint += "; resume with the config and code that wrote it, or start a new --workdir"
     check_structure(
-        checkpointer.saved_state_metadata(step),
+        dict.fromkeys(checkpointer.saved_state_paths(step)),
         target_state,
         where,
         hint,
         os.path.join(os.path.dirname(checkpointer.directory), MISMATCH_REPORT),
     )
-    return changes
+    return changes, hint
 
 
 def _restore(
@@ -301,8 +308,14 @@ def _restore(
     target_state: PyTree,
     data_iterator: Any | None,
     check: Callable[[PyTree], str | None] | None,
+    hint: str,
 ) -> tuple[str | None, PyTree]:
-    """`(None, state)`, or `(why it is unusable, None)` as every process agrees."""
+    """`(None, state)`, or `(why it is unusable, None)` as every process agrees.
+
+    A restore that fails with a storage error (TensorStore, OCDBT) means damage. Any other failure is first
+    checked for arrays of another shape (the paths already matched): that is an IncompatibleCheckpointError,
+    never a reason to move the checkpoint aside.
+    """
     state = None
     try:
         state = checkpointer.restore(step, target_state, data_iterator)
@@ -310,15 +323,33 @@ def _restore(
         raise  # this run's problem, not the checkpoint's: moving it aside would not help
     # Orbax, TensorStore and Grain raise many kinds of errors for damaged files.
     except Exception as e:
-        problem = (
-            "an array file in state/ is truncated or corrupt"
-            if "reading array" in str(e)
-            else "restoring it failed"
-        ) + f" ({_short(e)})"
+        text = str(e)
+        if any(sign in text for sign in ("reading array", "OCDBT", ".zarray")):
+            problem = f"an array file in state/ is missing, truncated or corrupt ({_short(e)})"
+        else:
+            _check_shapes(checkpointer, step, target_state, hint)
+            problem = f"restoring it failed ({_short(e)})"
     else:
         problem = check(state) if check is not None else None
     problem = _agree(problem)
     return problem, (state if problem is None else None)
+
+
+def _check_shapes(
+    checkpointer: TrainingCheckpointer, step: int, target_state: PyTree, hint: str
+) -> None:
+    """Raises IncompatibleCheckpointError when the saved arrays' shapes differ from the target's."""
+    try:
+        saved = tree_shapes(checkpointer.saved_state_metadata(step))
+    except Exception:  # unreadable array headers: damage, judged by the caller
+        return
+    check_structure(
+        saved,
+        target_state,
+        f"from checkpoint {step} in {checkpointer.directory}",
+        hint,
+        os.path.join(os.path.dirname(checkpointer.directory), MISMATCH_REPORT),
+    )
 
 
 def restore_newest_usable(
@@ -351,8 +382,8 @@ def restore_newest_usable(
         step = steps[-1]
         problem = _agree(_readable_problem(checkpointer, step, data_iterator is not None))
         if problem is None:
-            changes = _check_fits(checkpointer, step, target_state, config)
-            problem, state = _restore(checkpointer, step, target_state, data_iterator, check)
+            changes, hint = _check_fits(checkpointer, step, target_state, config)
+            problem, state = _restore(checkpointer, step, target_state, data_iterator, check, hint)
             if problem is None:
                 if changes.changed:
                     _log.warning(
