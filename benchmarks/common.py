@@ -49,6 +49,8 @@ def machine_description() -> dict[str, Any]:
     import jax
     import torch
 
+    from resnet_jax import conv_autotune
+
     cpu = platform.processor() or platform.machine()
     flags: list[str] = []
     model_found = False
@@ -80,6 +82,9 @@ def machine_description() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # How CpuConv chose its forms: the mode and the file of timed choices (per CPU model and jax version).
+        "conv_form_mode": conv_autotune.mode(),
+        "conv_forms_cache": conv_autotune.cache_path(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
 
