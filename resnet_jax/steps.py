@@ -107,6 +107,7 @@ def train_step(
     ema_decay: float,
     trainable_mask: PyTree | None = None,
     mixing: BatchMixing | None = None,
+    dropout_seed: int | None = None,
     axis_name: str = "data",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update from this device's `batch` ({'image': (B, H, W, C) float, 'label': (B,) int}).
@@ -120,6 +121,8 @@ def train_step(
     frozen parameters get zero updates (the optimizer must leave them unchanged, e.g. `optax.set_to_zero`).
 
     `mixing`: mixup / CutMix (see `_inputs_and_loss`); accuracy stays against the unmixed labels.
+    `dropout_seed`: for models with dropout; each step and device draws from (seed, step, device index), so
+    dropout masks (unlike everything else) depend on the device count.
 
     Returns the new state and device-averaged metrics: loss, accuracy, top5_accuracy (of this batch, before
     the update), learning_rate (the one this update used) and grad_norm (global L2 norm of the averaged
@@ -134,6 +137,11 @@ def train_step(
         images, labels, state.step, label_smoothing, mixing, axis_name
     )
 
+    rngs = {}
+    if dropout_seed is not None:
+        step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        rngs["dropout"] = jax.random.fold_in(step_key, lax.axis_index(axis_name))
+
     def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
         params = traverse_util.unflatten_dict({**frozen, **trainable})
         logits, updates = apply_fn(
@@ -141,9 +149,11 @@ def train_step(
             images,
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         loss = jnp.mean(per_example_loss(logits))
-        return loss, (logits, updates["batch_stats"])
+        # GroupNorm networks (BiT) keep no running statistics: their update is empty.
+        return loss, (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable
@@ -154,12 +164,6 @@ def train_step(
     grads = traverse_util.unflatten_dict({**frozen_grads, **trainable_grads})
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-    if ema_params is not None:
-        ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
-        ema_batch_stats = optax.incremental_update(
-            batch_stats, ema_batch_stats, step_size=1.0 - ema_decay
-        )
 
     top1, top5 = correct_predictions(logits, labels)
     metrics = lax.pmean(
@@ -168,14 +172,23 @@ def train_step(
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     metrics["grad_norm"] = optax.tree.norm(trainable_grads)
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        ema_params=ema_params,
-        ema_batch_stats=ema_batch_stats,
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    return new_state, metrics
+    return _update_ema(new_state, ema_decay), metrics
+
+
+def _update_ema(state: TrainState, ema_decay: float) -> TrainState:
+    """The EMA of params and BN statistics moved towards `state`'s (no-op when the run keeps none)."""
+    if state.ema_params is None:
+        return state
+    return state.replace(
+        ema_params=optax.incremental_update(
+            state.params, state.ema_params, step_size=1.0 - ema_decay
+        ),
+        ema_batch_stats=optax.incremental_update(
+            state.batch_stats, state.ema_batch_stats, step_size=1.0 - ema_decay
+        ),
+    )
 
 
 def eval_step(
