@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -352,6 +353,25 @@ def _check_shapes(
     )
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops one kind of noise: a restore that fails on a damaged file leaves TensorStore callbacks that later
+    reach Orbax's closed event loop, and Python prints each as an "Exception ignored ... Event loop is closed"
+    traceback, after the one-line warning that already said what happened. Every other unraisable exception
+    still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiets_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def restore_newest_usable(
     checkpointer: TrainingCheckpointer,
     target_state: PyTree,
@@ -378,6 +398,7 @@ def restore_newest_usable(
       NoUsableCheckpointError: there were checkpoints and none restored (lists each one tried and why).
     """
     tried: list[str] = []
+    _quiet_closed_loop_callbacks()
     while steps := checkpointer.all_steps():
         step = steps[-1]
         problem = _agree(_readable_problem(checkpointer, step, data_iterator is not None))
