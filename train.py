@@ -187,6 +187,11 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices()[0].platform,
     )
+    cache_dir = _CONFIG.value.get("compilation_cache_dir")
+    if cache_dir:
+        # Set before anything compiles; every process may share the directory.
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except config_lib.ConfigError as e:

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
     config.zero_init_residual = False  # last BN scale of each block starts at 0 (Goyal et al. 2017)
     config.dtype = "float32"  # compute dtype (params, BN statistics and the loss stay float32)
+    # JAX's persistent compilation cache: a second run of the same command skips XLA's compilation of
+    # every step that took over a second to compile. "" turns it off.
+    config.compilation_cache_dir = "~/.cache/resnet_jax/jax_compilation_cache"
 
     # Data (resnet_jax.data).
     config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
@@ -163,6 +166,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_split": _optional_string(),
     "eval_split": _optional_string(),
     "init_from": _of_type(str, 'a path, or "" to train from scratch'),
+    "compilation_cache_dir": _of_type(
+        str, 'a directory, or "" for no persistent compilation cache'
+    ),
     "zero_init_residual": _of_type(bool, "True or False"),
     "nesterov": _of_type(bool, "True or False"),
     "bn_sync": _of_type(bool, "True or False"),

@@ -62,6 +62,7 @@ BAD_VALUES = {
     "checkpoints_to_keep": [0, "3"],
     "best_checkpoints_to_keep": [-1, "1"],
     "init_from": [None, 0],
+    "compilation_cache_dir": [None, 0],
     "finetune_mode": [1, "probe"],
     "backbone_lr_multiplier": ["0.1", -0.5],
 }
