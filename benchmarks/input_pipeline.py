@@ -84,7 +84,7 @@ def measure(
     so it is the figure to scale from: a pipeline on k free cores delivers about k times it.
     """
     iterator = create_train_iterator(
-        config, process_index=0, process_count=1, local_batch_size=batch_size, seed=0
+        config, process_index=0, process_count=1, global_batch_size=batch_size, seed=0
     )
     for _ in range(warmup):
         next(iterator)

@@ -16,7 +16,6 @@ def get_config():
     config.model = "cifar_resnet56"
     config.dataset = "cifar10"
     config.train_split = "train"
-    config.eval_split = "test"
     config.image_size = 32
     config.augment = "cifar"
     config.crop_padding = 4

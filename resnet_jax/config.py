@@ -39,8 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Data (resnet_jax.data).
     config.dataset = "digits"  # "digits" (bundled, offline), "folder:/path/to/root", or a TFDS name
     config.data_dir = placeholder(str)  # TFDS data_dir; None = TFDS's default
-    # None: the dataset's own splits (digits: train/test; folders: train/val or a held-out share;
-    # TFDS: train and validation, else test).
+    # None: the dataset's own splits. eval_split is the validation split (evaluated during training; it
+    # ranks checkpoints); the test split is evaluated once at the end (test_*). digits: train 1,293 /
+    # validation 144 / test 360; folders: val/ or validation/, else folder_val_fraction of train held out
+    # by path hash, plus test/ if present; TFDS: its validation split (no test), else 10% of train held
+    # out by index hash, plus test. Naming eval_split evaluates on that split, with no separate test.
     config.train_split = placeholder(str)
     config.eval_split = placeholder(str)
     config.image_size = 32  # model input height = width; images are resized to it
@@ -49,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.augment = placeholder(str)
     config.crop_padding = 4  # "cifar" augmentation: pixels of zero padding before the random crop
     config.normalization = "dataset"  # "dataset" (its own mean/std) | "imagenet" (torchvision's)
-    config.folder_val_fraction = 0.1  # "folder:" datasets without a val/ folder: share held out
+    config.folder_val_fraction = 0.1  # "folder:" without val/: share held out by path hash
     config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
     config.num_workers = 0  # Grain worker processes; 0 = in the main process
     config.num_read_threads = 16  # Grain threads reading records

@@ -123,7 +123,7 @@ SCRIPT = textwrap.dedent(
     def exact_eval():
         # The real digits pipeline: 360 test examples, global eval batch 48 (6 per device): 7 full batches
         # and one of 24 real rows + 24 padding rows.
-        config.update({"dataset": "digits", "image_size": 8})
+        config.update({"dataset": "digits", "image_size": 8, "eval_split": "test"})
         info = dataset_info(config)
         model = make_model(None)
         dp = DataParallel("shard_map")

@@ -75,9 +75,12 @@ def test_train_py_writes_flat_metrics_exact_eval_and_checkpoints(tmp_path):
     assert [r["step"] for r in eval_records] == [6]
     evaluation = eval_records[0]
     assert {"eval_loss", "eval_top5_accuracy"} <= set(evaluation)
-    # 360 test digits counted exactly: every accuracy is a multiple of 1/360.
+    # The 144 validation digits counted exactly (eval_*); the 360 test digits once, at the end (test_*).
     for name in ("eval_accuracy", "eval_top5_accuracy"):
-        assert abs(evaluation[name] * 360 - round(evaluation[name] * 360)) < 1e-6
+        assert abs(evaluation[name] * 144 - round(evaluation[name] * 144)) < 1e-6
+    (test,) = [r for r in records if "test_accuracy" in r]
+    assert test["step"] == 6
+    assert abs(test["test_accuracy"] * 360 - round(test["test_accuracy"] * 360)) < 1e-6
     assert checkpoint_steps(tmp_path)[-1] == 6
 
 
@@ -91,7 +94,7 @@ real_create_train_iterator = data.create_train_iterator
 
 
 class PoisonedIterator:
-    # The batch of step 5 holds NaN images; get/set_state pass through (the checkpoint stores them).
+    # The batch of step 5 holds NaN images.
     def __init__(self, iterator):
         self._iterator, self._step = iterator, 0
 
@@ -101,12 +104,6 @@ class PoisonedIterator:
         if self._step == 5:
             batch = dict(batch, image=np.full_like(batch["image"], np.nan))
         return batch
-
-    def get_state(self):
-        return self._iterator.get_state()
-
-    def set_state(self, state):
-        self._iterator.set_state(state)
 
 
 # The trainer looks the function up on the data package at call time, so this reaches the real loop.
