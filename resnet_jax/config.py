@@ -27,6 +27,13 @@ FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
 def base_config() -> ml_collections.ConfigDict:
     """Every config key, with its default. Recipes override values; they cannot add keys."""
     config = ml_collections.ConfigDict()
+    _add_model_and_data_keys(config)
+    _add_optimization_keys(config)
+    _add_run_keys(config)
+    return config
+
+
+def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     placeholder = ml_collections.config_dict.placeholder
     # Model.
     config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
@@ -59,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.prefetch_buffer_size = 500  # records read ahead per process
     config.worker_buffer_size = 2  # batches each Grain worker keeps ready
 
+
+def _add_optimization_keys(config: ml_collections.ConfigDict) -> None:
     # Length and batch.
     config.batch_size = 128  # global, over all devices and processes
     config.eval_batch_size = 0  # global; 0 = batch_size
@@ -88,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.lr_decay_steps = ()  # ... or in steps (exactly one of the two)
     config.lr_decay_factor = 0.1
 
+
+def _add_run_keys(config: ml_collections.ConfigDict) -> None:
     # Devices.
     config.parallelism = "shard_map"  # "shard_map" (jit over a global mesh) | "pmap"
     config.bn_sync = True  # BN statistics over the global batch; False: per device (no all-reduce)
@@ -106,7 +117,6 @@ def base_config() -> ml_collections.ConfigDict:
     # "full" | "frozen_bn" (BN normalizes with running statistics) | "linear_probe" (only the head trains).
     config.finetune_mode = "full"
     config.backbone_lr_multiplier = 1.0  # every non-classifier parameter's lr / the head's lr
-    return config
 
 
 class ConfigError(ValueError):
