@@ -1,4 +1,4 @@
-"""Each of ResNet's conv shapes alone: the forms of resnet_jax.conv on XLA:CPU vs PyTorch, forward + gradients.
+"""Each of ResNet's conv shapes alone: the forms of resnet_jax.conv_forms on XLA:CPU vs PyTorch, forward + gradients.
 
     python benchmarks/conv_shapes.py                         # resnet50's 3x3/7x7 convs at 128 px, batch 16
     python benchmarks/conv_shapes.py --shapes resnet18_32 --batch_size 32
@@ -6,7 +6,7 @@
 
 For every shape it jits `grad(sum(conv(x, w)**2))` w.r.t. the kernel only (the stem: its input gradient is
 never computed in a train step) or w.r.t. kernel and input (every other layer), for each form of
-`resnet_jax.conv.FORMS` that can compute the shape (`--forms`), and times the same with `torch.nn.functional
+`resnet_jax.conv_forms.FORMS` that can compute the shape (`--forms`), and times the same with `torch.nn.functional
 .conv2d` and `backward()` (PyTorch eager, what a torchvision train step runs). Runs alternate in one process;
 medians of `--repeats`. This is the evidence behind `CpuConv`'s forms and the autotuner's candidates. Writes
 `<results_dir>/conv_shapes_<shapes>.json`.
@@ -82,7 +82,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax.conv import FORMS, form_supports
+    from resnet_jax.conv_forms import FORMS, form_supports
 
     forms = args.forms.split(",") if args.forms else list(FORMS)
     machine = common.machine_description()

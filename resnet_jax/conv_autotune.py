@@ -9,11 +9,17 @@ timing runs in a separate thread, outside the caller's trace.
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
-* `auto` (the default; `static` when unset under pytest, including processes a test starts): time convs
-  whose forward is at least `MIN_TUNED_FLOPS` (smaller ones take the static choice;
-  timing them costs more than it could save, and keeps tiny test models deterministic);
-* `static`: never time; take `resnet_jax.conv.static_form`'s choice (what tests use for determinism);
+* `auto` (the default): time convs whose forward is at least `MIN_TUNED_FLOPS` (smaller ones take the static
+  choice; timing them costs more than it could save, and keeps tiny test models deterministic);
+* `static`: never time; take `resnet_jax.conv_forms.static_form`'s choice (tests/conftest.py sets it, for
+  deterministic forms and no timing in tests);
 * a form name (`lax`, `winograd4`, ...): that form wherever it can compute the conv, the static choice elsewhere.
+
+Multi-process runs (`jax.process_count() > 1`) never time: `auto` takes the static choice there. Each process
+would time on its own and could pick another form for the same conv, and a cache file is per host, so the
+processes would compile different programs for one replicated step and their replicated state would drift
+apart. The static rule depends on the shape alone, so every process picks the same form. To run a measured form
+in a multi-process run, pin it by name (the same value on every process).
 
 `RESNET_JAX_CACHE_DIR` moves the cache (default `~/.cache/resnet_jax`). Delete the file to re-measure.
 """
@@ -51,10 +57,13 @@ _lock = threading.Lock()
 
 
 def mode() -> str:
-    """`RESNET_JAX_CONV_FORM`; unset, `auto`, except under pytest, where timing would make tests slow and
-    their forms machine-dependent (set the variable to `auto` to time there too)."""
-    default = "static" if "PYTEST_CURRENT_TEST" in os.environ else "auto"
-    return os.environ.get(FORM_ENV) or default
+    """`RESNET_JAX_CONV_FORM`: `auto` (the default), `static` or a form name."""
+    return os.environ.get(FORM_ENV) or "auto"
+
+
+def timing_allowed() -> bool:
+    """Whether `auto` may time forms in this process: not in a multi-process run (module docstring)."""
+    return jax.process_count() == 1
 
 
 def cpu_description() -> str:

@@ -165,39 +165,9 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
             kernel_init=conv_kernel_init,
         )
-        # BN momentum 0.9 here is torch's momentum=0.1: flax weights the old statistic, torch the new one.
-        # Statistics and the normalization stay in float32 whatever the compute dtype.
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train or self.bn_frozen,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            axis_name=self.bn_axis_name if train and not self.bn_frozen else None,
-        )
-        outputs = {}
-        if self.stem == "imagenet":
-            x = conv(self.stage_widths[0], (7, 7), (2, 2), pad(3), name="stem_conv")(x)
-            x = self.act(norm(name="stem_bn")(x))
-            # reduce_window pads with -inf, as torch's max_pool2d does.
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
-        elif self.stem == "deep":
-            # ResNet-C/D: three 3x3 convs (32, 32, 64 channels for 64) replace the 7x7, as timm's stem_type="deep".
-            width = self.stage_widths[0]
-            x = conv(width // 2, (3, 3), (2, 2), pad(1), name="stem_conv1")(x)
-            x = self.act(norm(name="stem_bn1")(x))
-            x = conv(width // 2, (3, 3), (1, 1), pad(1), name="stem_conv2")(x)
-            x = self.act(norm(name="stem_bn2")(x))
-            x = conv(width, (3, 3), (1, 1), pad(1), name="stem_conv3")(x)
-            x = self.act(norm(name="stem_bn")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
-        elif self.stem == "cifar":
-            x = conv(self.stage_widths[0], (3, 3), (1, 1), pad(1), name="stem_conv")(x)
-            x = self.act(norm(name="stem_bn")(x))
-        else:
-            raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet', 'deep' or 'cifar'")
-        outputs["stem"] = x
+        norm = self._norm(train)
+        x = self._stem(x, conv, norm)
+        outputs = {"stem": x}
 
         for stage, (num_blocks, filters) in enumerate(
             zip(self.stage_sizes, self.stage_widths, strict=True)
@@ -235,6 +205,41 @@ class ResNet(nn.Module):
             x = x.astype(jnp.float32)
             outputs["logits"] = x
         return outputs if features else x
+
+    def _norm(self, train: bool) -> ModuleDef:
+        # BN momentum 0.9 here is torch's momentum=0.1: flax weights the old statistic, torch the new one.
+        # Statistics and the normalization stay in float32 whatever the compute dtype.
+        return functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train or self.bn_frozen,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            axis_name=self.bn_axis_name if train and not self.bn_frozen else None,
+        )
+
+    def _stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
+        """The layers before stage 1 (their modules are the network's own: `stem_conv`, `stem_bn`, ...)."""
+        if self.stem == "imagenet":
+            x = conv(self.stage_widths[0], (7, 7), (2, 2), pad(3), name="stem_conv")(x)
+            x = self.act(norm(name="stem_bn")(x))
+            # reduce_window pads with -inf, as torch's max_pool2d does.
+            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+        if self.stem == "deep":
+            # ResNet-C/D: three 3x3 convs (32, 32, 64 channels for 64) replace the 7x7, as timm's stem_type="deep".
+            width = self.stage_widths[0]
+            x = conv(width // 2, (3, 3), (2, 2), pad(1), name="stem_conv1")(x)
+            x = self.act(norm(name="stem_bn1")(x))
+            x = conv(width // 2, (3, 3), (1, 1), pad(1), name="stem_conv2")(x)
+            x = self.act(norm(name="stem_bn2")(x))
+            x = conv(width, (3, 3), (1, 1), pad(1), name="stem_conv3")(x)
+            x = self.act(norm(name="stem_bn")(x))
+            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+        if self.stem == "cifar":
+            x = conv(self.stage_widths[0], (3, 3), (1, 1), pad(1), name="stem_conv")(x)
+            return self.act(norm(name="stem_bn")(x))
+        raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet', 'deep' or 'cifar'")
 
 
 # The table of architectures: torchvision's ImageNet networks, timm's variants, then the CIFAR networks (He et

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import conv, conv_autotune
+from resnet_jax import conv, conv_autotune, conv_forms
 
 PADDING = ((1, 1), (1, 1))
 
@@ -35,7 +35,7 @@ def test_first_use_times_the_candidates_and_caches_the_fastest_on_disk(tuner, mo
     x = jnp.ones((1, 6, 6, 4))
     kernel = jnp.ones((3, 3, 4, 4))
     chosen = conv.select_form(x.shape, kernel.shape, (1, 1), PADDING)
-    candidates = conv.candidate_forms(kernel.shape, (1, 1), PADDING)
+    candidates = conv_forms.candidate_forms(kernel.shape, (1, 1), PADDING)
     assert chosen in candidates and "winograd4" in candidates
     with open(conv_autotune.cache_path()) as f:
         table = json.load(f)
@@ -56,7 +56,7 @@ def test_choosing_inside_jit_and_grad_computes_the_conv(tuner):
         return jnp.sum(fn(x, kernel, (1, 1), PADDING) ** 2)
 
     actual = jax.jit(jax.grad(loss), static_argnums=2)(kernel, x, conv.cpu_conv)
-    expected = jax.grad(loss)(kernel, x, conv.lax_conv)
+    expected = jax.grad(loss)(kernel, x, conv_forms.lax_conv)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5 * float(jnp.max(expected)))
 
 
@@ -66,10 +66,9 @@ def test_static_mode_and_small_convs_are_never_timed(tmp_path, monkeypatch):
     conv_autotune.clear_memory()
     shape = ((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING)
     monkeypatch.setenv(conv_autotune.FORM_ENV, "static")
-    assert conv.select_form(*shape) == conv.static_form(*shape) == "winograd4"
-    monkeypatch.setenv(
-        conv_autotune.FORM_ENV, "auto"
-    )  # 2*2*32*32*9*8*8 flops: below MIN_TUNED_FLOPS
+    assert conv.select_form(*shape) == conv_forms.static_form(*shape) == "winograd4"
+    # 2*2*32*32*9*8*8 flops: below MIN_TUNED_FLOPS
+    monkeypatch.setenv(conv_autotune.FORM_ENV, "auto")
     assert conv.select_form(*shape) == "winograd4"
     assert not os.listdir(tmp_path)
 
@@ -80,7 +79,7 @@ def test_a_pinned_form_applies_where_it_can_and_the_rule_elsewhere(monkeypatch):
     monkeypatch.setenv(conv_autotune.FORM_ENV, "winograd2")
     assert conv.select_form((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING) == "winograd2"
     strided = ((2, 32, 32, 8), (3, 3, 8, 8), (2, 2), PADDING)
-    assert conv.select_form(*strided) == conv.static_form(*strided)
+    assert conv.select_form(*strided) == conv_forms.static_form(*strided)
     monkeypatch.setenv(conv_autotune.FORM_ENV, "fastest")
     with pytest.raises(ValueError, match="RESNET_JAX_CONV_FORM"):
         conv.select_form(*strided)
@@ -92,6 +91,20 @@ def test_cache_is_keyed_by_cpu_and_jax_version(monkeypatch, tmp_path):
     assert jax.__version__ in name and str(os.cpu_count()) in name
 
 
-def test_unset_under_pytest_means_static(monkeypatch):
+def test_unset_means_auto_even_under_pytest(monkeypatch):
+    # The library does not look at the test runner: tests/conftest.py sets `static` for the test session.
     monkeypatch.delenv(conv_autotune.FORM_ENV, raising=False)
-    assert conv_autotune.mode() == "static"
+    assert conv_autotune.mode() == "auto"
+
+
+def test_auto_in_a_multi_process_run_takes_the_static_choice_without_timing(tuner, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(conv_autotune, "time_forms", no_timing)
+    shape = ((2, 32, 32, 8), (3, 3, 8, 8), (1, 1), PADDING)
+    assert len(conv_forms.candidate_forms(*shape[1:])) > 1  # one process would time it
+    assert conv.select_form(*shape) == conv_forms.static_form(*shape)
+    # Tracing a conv in a multi-process run (what jit of a model does) takes the same path: no timing.
+    jax.make_jaxpr(lambda x, k: conv.cpu_conv(x, k, (1, 1), PADDING))(
+        jnp.ones(shape[0]), jnp.ones(shape[1])
+    )
+    assert not os.listdir(tuner)
