@@ -39,6 +39,7 @@ def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     config.model = "cifar_resnet20"  # a name of resnet_jax.list_models()
     config.zero_init_residual = False  # last BN scale of each block starts at 0 (Goyal et al. 2017)
     config.dtype = "float32"  # compute dtype (params, BN statistics and the loss stay float32)
+    config.dropout_rate = 0.0  # networks with dropout only (wide_resnet28_10: the paper's 0.3)
     # JAX's persistent compilation cache: a second run of the same command skips XLA's compilation of
     # every step that took over a second to compile. "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_compilation_cache"
@@ -76,7 +77,10 @@ def _add_optimization_keys(config: ml_collections.ConfigDict) -> None:
 
     # Optimizer (resnet_jax.optim).
     config.optimizer = "sgd"  # one of OPTIMIZERS
-    config.learning_rate = 0.1  # peak; configs write the linear scaling rule as code
+    config.learning_rate = 0.1  # peak, unless learning_rate_per_256 > 0
+    # > 0: the peak is this x the run's global batch_size / 256 (the linear scaling rule, applied at run
+    # time, so --config.batch_size=... rescales it); the resolved rate is logged.
+    config.learning_rate_per_256 = 0.0
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4  # on kernels only, never BN parameters or biases
@@ -86,6 +90,11 @@ def _add_optimization_keys(config: ml_collections.ConfigDict) -> None:
     config.adam_eps = 1e-8
     config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     config.label_smoothing = 0.0
+    # Mixup / CutMix over the global batch (torchvision's semantics, timm's probabilities); 0 = off.
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.mix_prob = 1.0  # probability that a batch is mixed (when an alpha > 0)
+    config.switch_prob = 0.5  # both alphas > 0: probability of CutMix rather than mixup
     config.ema_decay = (
         0.0  # > 0: keep an EMA of params and BN statistics, also evaluated (eval_ema_*)
     )
@@ -224,6 +233,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "folder_val_fraction": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
     "max_bad_image_fraction": _fraction(),
     "backbone_lr_multiplier": _at_least(0),
+    "dropout_rate": _fraction(upper_open=True),
+    "learning_rate_per_256": _at_least(0),
+    "mixup_alpha": _at_least(0),
+    "cutmix_alpha": _at_least(0),
+    "mix_prob": _fraction(),
+    "switch_prob": _fraction(),
 }
 
 

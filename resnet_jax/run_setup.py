@@ -45,6 +45,8 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
         zero_init_residual=config.zero_init_residual,
         bn_axis_name=DATA_AXIS if config.bn_sync else None,
         **finetune.model_options(config.finetune_mode),
+        # Only networks with dropout take the option.
+        **({"dropout_rate": config.dropout_rate} if config.dropout_rate > 0 else {}),
     )
 
 

@@ -19,11 +19,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_jax import data, reporting, steps
+from resnet_jax import data, optim, reporting, steps
 from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
 from resnet_jax.config import ConfigError, to_json, validate_config
 from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate, non_finite_paths
+from resnet_jax.mixing import BatchMixing
 from resnet_jax.models import ResNet
 from resnet_jax.parallel import DATA_AXIS, DataParallel
 from resnet_jax.run_setup import (
@@ -59,6 +60,10 @@ def compile_steps(
             label_smoothing=config.label_smoothing,
             ema_decay=config.ema_decay,
             trainable_mask=optimization.trainable_mask,
+            mixing=BatchMixing.from_config(config)
+            if config.mixup_alpha > 0 or config.cutmix_alpha > 0
+            else None,
+            dropout_seed=config.seed if config.dropout_rate > 0 else None,
             axis_name=DATA_AXIS,
         ),
         donate_state=True,
@@ -82,6 +87,7 @@ def log_run_summary(
     """The model summary and one line with the run's sizes, before the first step."""
     info = plan.info
     log_model_summary(config.model, info.image_size, info.num_classes, log=_log.info)
+    _log.info(optim.describe_learning_rate(config))
     _log.info(
         "%s on %s: %d train, %d eval (%s) and %d test examples, %d classes, %dx%d; %d steps of global "
         "batch %d (%d per device on %d devices, %d process(es)), %s, %s BN",

@@ -154,3 +154,16 @@ def test_cli_rejects_a_batch_size_that_does_not_split_over_the_devices(tmp_path)
     assert "batch size 12 must be a positive multiple of the device count (8 devices" in (
         result.stderr
     )
+
+
+def test_learning_rate_per_256_follows_the_batch_size_given_on_the_command_line(tmp_path):
+    """The linear scaling rule is applied at run time: overriding batch_size rescales the peak rate."""
+    overrides = dict(TINY, num_train_steps=2, log_every_steps=1, eval_every_steps=2)
+    overrides.update(learning_rate_per_256=0.4, lr_schedule="constant", batch_size=64)
+    result = run_cli(
+        [f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    rates = [r["learning_rate"] for r in read_metrics(tmp_path) if "learning_rate" in r]
+    assert rates == pytest.approx([0.4 * 64 / 256] * 2)
+    assert "peak learning rate 0.1 = learning_rate_per_256 0.4 x global batch" in result.stderr
