@@ -25,11 +25,11 @@ from flax import struct
 
 from resnet_jax.checkpoint import load_variables, save_variables
 from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
+from resnet_jax.checkpoint.config_changes import config_changes
 from resnet_jax.checkpoint.preemption import preemption_message
 from resnet_jax.checkpoint.resume import (
     MISMATCH_REPORT,
     NoUsableCheckpointError,
-    config_changes,
     restore_newest_usable,
 )
 

@@ -1,9 +1,12 @@
 """Training checkpoints: the whole run state under `<workdir>/checkpoints/<step>/`, saved and resumed.
 
-What `TrainingCheckpointer` writes: the TrainState pytree (`state`), the Grain data iterator position (`data`,
-one JSON file per process) and the run's config (`config`). Resuming from it continues the run as if it had
-never stopped: same parameters, optimizer state, step, and the exact next batch. To read only a backbone's
-params and batch_stats from such a checkpoint, use `resnet_jax.checkpoint.load_variables` (no Grain needed).
+What the trainer's `TrainingCheckpointer` writes: the TrainState pytree (`state`) and the run's config
+(`config`). Resuming from it continues the run as if it had never stopped: same parameters, optimizer state,
+step, and the exact next batch, since the data position is the global step (`resnet_jax.data.stream`) and
+needs no item of its own. A Grain iterator position (`data`, one JSON file per process) is written only when
+`save` is given a `data_iterator`, as older trainers did; checkpoints that have one still restore, and the item
+is ignored when `restore` gets no `data_iterator`. To read only a backbone's params and batch_stats from such a
+checkpoint, use `resnet_jax.checkpoint.load_variables` (no Grain needed).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ UNUSABLE_SUBDIR = "unusable"
 
 
 class IncompatibleCheckpointError(ValueError):
-    """The checkpoint is intact but cannot resume this run (another model, process count, ...).
+    """The checkpoint is intact but cannot resume this run (another model, optimizer, ...).
 
     Unlike a damaged checkpoint it is never moved aside: every older checkpoint of the run would fail the same
     way, and the fix is in the command, not on disk.
@@ -55,10 +58,12 @@ def abstract_like(tree: PyTree) -> PyTree:
 class TrainingCheckpointer:
     """Saves and restores a training run under `<workdir>/checkpoints` with one Orbax `CheckpointManager`.
 
-    Each checkpoint `<workdir>/checkpoints/<step>/` holds three items, written by every process:
+    Each checkpoint `<workdir>/checkpoints/<step>/` holds these items, written by every process:
       - `state`: the TrainState pytree (Orbax writes each shard once; restores onto the target's shardings);
-      - `data`: the Grain iterator state, one `process_<i>-of-<n>.json` per process;
-      - `config`: the run's config as JSON (what `load_variables` reads the model name from).
+      - `config`: the run's config as JSON (what `load_variables` reads the model name from);
+      - `data`, only when `save` is given a `data_iterator` (the trainer passes none: its data position is the
+        step): the Grain iterator state, one `process_<i>-of-<n>.json` per process. Older checkpoints that
+        have one still restore; it is ignored when `restore` gets no `data_iterator`.
 
     Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the write finishes
     in a background thread while training continues. Commits are atomic: a step directory is written under a
@@ -221,7 +226,7 @@ class TrainingCheckpointer:
         metrics: Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> bool:
-        """Saves `state` (and the iterator position) as step `step` if it is due; returns whether it saved.
+        """Saves `state` (and `data_iterator`'s position, if any) as step `step` if due; returns whether it did.
 
         Due means: `step` is a multiple of `save_every_steps`, or a preemption was signalled, or `force`. A step
         that already has a checkpoint is not saved twice (so a final `force=True` save is always safe). Every
@@ -248,7 +253,8 @@ class TrainingCheckpointer:
 
         `target_state` may hold arrays (e.g. the freshly initialized state, which is the usual way to get the
         shardings right on every host) or `jax.ShapeDtypeStruct`s. `data_iterator`, when given, is moved to the
-        saved position in place (this process's own state file).
+        saved position in place (this process's own file of the `data` item); when None, a `data` item is
+        ignored, so a checkpoint that has one restores on any number of processes.
         """
         items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(target_state))}
         if data_iterator is not None:
@@ -258,7 +264,8 @@ class TrainingCheckpointer:
         return restored[STATE_ITEM]
 
     def check_data_processes(self, step: int) -> None:
-        """Each process restores its own iterator file: the process count must be the one that saved.
+        """With a `data_iterator`, each process restores its own iterator file: the process count must be the
+        one that saved. Checkpoints without a `data` item (the trainer's) pass on any count.
 
         Raises IncompatibleCheckpointError otherwise (not a damaged checkpoint: every step has the same count).
         """

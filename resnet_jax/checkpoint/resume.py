@@ -3,26 +3,26 @@
 `restore_newest_usable` walks the run's checkpoints from the newest. A checkpoint is *damaged* when a file is
 missing, truncated or unreadable, or a restored value is not finite: it is moved to
 `checkpoints/unusable/<step>.<reason>` (never deleted) with a one-line warning, and the next older one is tried.
-A checkpoint is *incompatible* when it is intact but does not fit the run (another model, optimizer, number
-of classes or processes): that is an error in the command, not on disk, so nothing is moved and one
-`IncompatibleCheckpointError` says what changed.
+A checkpoint is *incompatible* when it is intact but does not fit the run (another model, optimizer or number
+of classes): that is an error in the command, not on disk, so nothing is moved and one
+`IncompatibleCheckpointError` says what changed. The trainer's checkpoints hold no data position (it is the
+global step, see `resnet_jax.data.stream`), so they resume on any number of processes; only an older checkpoint
+with a per-process `data` item, restored with a `data_iterator`, needs the number of processes that wrote it.
 
-Config changes are judged before anything is restored: `config_changes` compares the config saved with the
-checkpoint and the new one; `REFUSED_CHANGES` lists the keys whose change makes the checkpoint unusable (they
-change the TrainState's structure or what its values mean), and every other change is allowed and logged.
-Whatever the config says, the saved TrainState's structure is also compared with the new one's before the
-restore, so a mismatch is reported as a short tree diff instead of Orbax's traceback.
+Config changes are judged before anything is restored (`resnet_jax.checkpoint.config_changes`: refused
+changes raise, the others are logged). Whatever the config says, the saved TrainState's structure is also
+compared with the new one's before the restore, so a mismatch is reported as a short tree diff instead of
+Orbax's traceback.
 
 Several processes agree on every verdict (an all-gather of "could I read it?"), so they all move the same
 checkpoint aside (process 0 renames it) and all restore the same step. What each process can check before
-the restore (its iterator file, the state's metadata) is checked that way; a shard that only one process reads
-and finds truncated is not: Orbax's restore ends in a barrier the other processes wait at, so that run stops
-with Orbax's error instead of falling back.
+the restore (the state's metadata, and its iterator file when a `data_iterator` is restored) is checked that
+way; a shard that only one process reads and finds truncated is not: Orbax's restore ends in a barrier the
+other processes wait at, so that run stops with Orbax's error instead of falling back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -39,6 +39,7 @@ from resnet_jax.checkpoint.checkpointer import (
     TrainingCheckpointer,
     abstract_like,
 )
+from resnet_jax.checkpoint.config_changes import ConfigChanges, check_config_change
 from resnet_jax.checkpoint.variables import CONFIG_ITEM, STATE_ITEM
 from resnet_jax.tree_diff import MAX_LISTED, diff_shapes
 
@@ -52,100 +53,6 @@ MISMATCH_REPORT = "resume_mismatch.txt"
 
 class NoUsableCheckpointError(RuntimeError):
     """Every checkpoint of the run was damaged (each one was moved aside)."""
-
-
-def _is_on(value: Any) -> bool:
-    return bool(value)
-
-
-# key -> (does this change break the checkpoint?, why). The TrainState's structure follows the model, the
-# number of classes (from the dataset), the optimizer, EMA on/off, gradient clipping on/off and the
-# fine-tuning parameter groups; the dataset and the global batch size define the data position (the step).
-# Everything else (learning rate, schedule, length, logging, compute dtype: the state stays float32, image
-# size: the classifier follows a global pool, parallelism, BN sync) leaves the checkpoint usable.
-REFUSED_CHANGES: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
-    "model": (lambda old, new: old != new, "the checkpoint holds that model's parameters"),
-    "dataset": (
-        lambda old, new: old != new,
-        "the classifier and the data position belong to that dataset",
-    ),
-    "batch_size": (
-        lambda old, new: old != new,
-        "the data position is the step, and a step of another global batch is other examples",
-    ),
-    "optimizer": (
-        lambda old, new: old != new,
-        "the optimizer state (momentum, Adam moments) is that optimizer's",
-    ),
-    "ema_decay": (
-        lambda old, new: _is_on(old) != _is_on(new),
-        "EMA on/off changes what the training state holds",
-    ),
-    "grad_clip_norm": (
-        lambda old, new: _is_on(old) != _is_on(new),
-        "clipping on/off changes the optimizer state's structure",
-    ),
-    "finetune_mode": (
-        lambda old, new: old != new,
-        "it changes BatchNorm's mode and the optimizer's parameter groups",
-    ),
-}
-
-_ABSENT = "(absent)"
-
-
-@dataclasses.dataclass(frozen=True)
-class ConfigChanges:
-    """Keys whose value differs between the checkpoint's config and the new one: `key: (old, new)`."""
-
-    changed: dict[str, tuple[Any, Any]]
-
-    def refused(self) -> list[str]:
-        return [
-            key
-            for key, (old, new) in self.changed.items()
-            if key in REFUSED_CHANGES and REFUSED_CHANGES[key][0](old, new)
-        ]
-
-    def describe(self, keys: list[str] | None = None) -> str:
-        """`learning_rate 0.1 -> 0.05, num_epochs 10.0 -> 20.0`."""
-        keys = list(self.changed) if keys is None else keys
-        return ", ".join(
-            f"{key} {self.changed[key][0]!r} -> {self.changed[key][1]!r}" for key in keys
-        )
-
-
-def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> ConfigChanges:
-    """The keys that differ, in the new config's order (JSON values: tuples and lists compare equal)."""
-    saved, new = _jsonable(saved), _jsonable(new)
-    changed = {
-        key: (saved.get(key, _ABSENT), new.get(key, _ABSENT))
-        for key in [*new, *(k for k in saved if k not in new)]
-        if saved.get(key, _ABSENT) != new.get(key, _ABSENT)
-    }
-    return ConfigChanges(changed)
-
-
-def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(config), default=repr))
-
-
-def check_config_change(
-    saved: Mapping[str, Any], new: Mapping[str, Any], where: str
-) -> ConfigChanges:
-    """Raises IncompatibleCheckpointError (one line) for a refused change; returns all the changes."""
-    changes = config_changes(saved, new)
-    if refused := changes.refused():
-        reasons = "; ".join(
-            f"config.{key} changed {changes.changed[key][0]!r} -> {changes.changed[key][1]!r} "
-            f"({REFUSED_CHANGES[key][1]})"
-            for key in refused
-        )
-        raise IncompatibleCheckpointError(
-            f"cannot resume {where}: {reasons}. Set it back to resume, or use a new --workdir "
-            "(config.init_from=<this workdir> fine-tunes from its weights)"
-        )
-    return changes
 
 
 def _key_name(key: Any) -> str:
@@ -388,13 +295,15 @@ def restore_newest_usable(
     Args:
       checkpointer: the run's checkpointer.
       target_state: what to restore onto (structure, dtypes, shardings), as for `TrainingCheckpointer.restore`.
-      data_iterator: moved to the restored checkpoint's data position.
+      data_iterator: moved to the position saved in the checkpoint's per-process `data` item (older
+        checkpoints). The trainer passes None and writes no such item (its data position is the step, see
+        `resnet_jax.data.stream`); with None, a checkpoint's `data` item is ignored.
       config: the new run's config (JSON values): compared with the checkpoint's before restoring.
       check: returns why a restored state cannot be trained from, or None.
 
     Raises:
-      IncompatibleCheckpointError: a refused config change, a TrainState that does not fit, or another
-        number of processes.
+      IncompatibleCheckpointError: a refused config change, a TrainState that does not fit, or (only with a
+        `data_iterator`) a `data` item written by another number of processes.
       NoUsableCheckpointError: there were checkpoints and none restored (lists each one tried and why).
     """
     tried: list[str] = []
