@@ -200,7 +200,7 @@ def initial_state(
     checkpointer: TrainingCheckpointer,
     train_iter: Any,
 ) -> TrainState:
-    """The state to start from: the latest checkpoint (and the data position), else `init_from`'s
+    """The state to start from: the newest usable checkpoint, else `init_from`'s
     backbone (only on a fresh start: a resumed fine-tune continues from its own checkpoint), else new."""
 
     def init_state() -> TrainState:
