@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from resnet_jax import optim
-from resnet_jax.models import create_model
 from resnet_jax.config import base_config
+from resnet_jax.models import create_model
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 

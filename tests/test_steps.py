@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from resnet_jax import optim, steps, train_state
+from resnet_jax.config import base_config
 from resnet_jax.models import create_model
 from resnet_jax.parallel import DATA_AXIS, DataParallel
-from resnet_jax.config import base_config
 
 
 def numpy_log_softmax(logits):
