@@ -60,7 +60,7 @@ def correct_predictions(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return top1, top5
 
 
-def _partition(params: PyTree, trainable_mask: PyTree | None) -> tuple[dict, dict]:
+def partition_params(params: PyTree, trainable_mask: PyTree | None) -> tuple[dict, dict]:
     """`params` as two flat `{path: array}` dicts: (trainable, frozen) by `trainable_mask` (None: all train)."""
     flat = traverse_util.flatten_dict(params)
     if trainable_mask is None:
@@ -132,7 +132,7 @@ def train_step(
     chex.assert_rank(images, 4)
     chex.assert_shape(labels, (images.shape[0],))
 
-    trainable, frozen = _partition(state.params, trainable_mask)
+    trainable, frozen = partition_params(state.params, trainable_mask)
     images, per_example_loss = _inputs_and_loss(
         images, labels, state.step, label_smoothing, mixing, axis_name
     )

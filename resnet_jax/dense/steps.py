@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax import lax
 
 from resnet_jax.dense.metrics import confusion_matrix
+from resnet_jax.steps import partition_params
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
@@ -48,16 +49,6 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array
         logits.astype(jnp.float32), safe_labels
     )
     return losses * weights
-
-
-def _partition(params: PyTree, trainable_mask: PyTree | None) -> tuple[dict, dict]:
-    """`params` as flat (trainable, frozen) dicts; as `resnet_jax.steps` does (shared once integrated)."""
-    flat = traverse_util.flatten_dict(params)
-    if trainable_mask is None:
-        return flat, {}
-    mask = traverse_util.flatten_dict(trainable_mask)
-    trainable = {path: value for path, value in flat.items() if mask[path]}
-    return trainable, {path: value for path, value in flat.items() if not mask[path]}
 
 
 def train_step(
@@ -85,7 +76,7 @@ def train_step(
     global_pixels = jnp.maximum(lax.psum(jnp.sum(weights), axis_name), 1.0)
     num_devices = lax.psum(1, axis_name)
 
-    trainable, frozen = _partition(state.params, trainable_mask)
+    trainable, frozen = partition_params(state.params, trainable_mask)
 
     def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
         params = traverse_util.unflatten_dict({**frozen, **trainable})
