@@ -96,6 +96,43 @@ def _inputs_and_loss(
     return images, per_example_loss
 
 
+def update_from_loss(
+    state: TrainState,
+    loss_fn: Callable[[PyTree], tuple[jax.Array, tuple[jax.Array, PyTree]]],
+    *,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    trainable_mask: PyTree | None,
+    axis_name: str,
+) -> tuple[TrainState, jax.Array, jax.Array, dict]:
+    """The update every task's train step shares: differentiate `loss_fn(params) -> (loss, (logits,
+    new batch_stats))` with respect to the trainable parameters only, average gradients and statistics over
+    devices, apply the optimizer (frozen parameters get zero gradients) and move the EMA.
+
+    Returns the new state, this device's loss, its logits and the averaged trainable gradients.
+    """
+    trainable, frozen = partition_params(state.params, trainable_mask)
+
+    def loss_of_trainable(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+        return loss_fn(traverse_util.unflatten_dict({**frozen, **trainable}))
+
+    (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(
+        loss_of_trainable, has_aux=True
+    )(trainable)
+    trainable_grads = lax.pmean(trainable_grads, axis_name)
+    batch_stats = lax.pmean(batch_stats, axis_name)
+    frozen_grads = {path: jnp.zeros_like(value) for path, value in frozen.items()}
+    grads = traverse_util.unflatten_dict({**frozen_grads, **trainable_grads})
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return _update_ema(new_state, ema_decay), loss, logits, trainable_grads
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -132,7 +169,6 @@ def train_step(
     chex.assert_rank(images, 4)
     chex.assert_shape(labels, (images.shape[0],))
 
-    trainable, frozen = partition_params(state.params, trainable_mask)
     images, per_example_loss = _inputs_and_loss(
         images, labels, state.step, label_smoothing, mixing, axis_name
     )
@@ -142,8 +178,7 @@ def train_step(
         step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         rngs["dropout"] = jax.random.fold_in(step_key, lax.axis_index(axis_name))
 
-    def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
-        params = traverse_util.unflatten_dict({**frozen, **trainable})
+    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
         logits, updates = apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -151,19 +186,17 @@ def train_step(
             mutable=["batch_stats"],
             rngs=rngs,
         )
-        loss = jnp.mean(per_example_loss(logits))
         # GroupNorm networks (BiT) keep no running statistics: their update is empty.
-        return loss, (logits, updates.get("batch_stats", {}))
+        return jnp.mean(per_example_loss(logits)), (logits, updates.get("batch_stats", {}))
 
-    (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable
+    new_state, loss, logits, trainable_grads = update_from_loss(
+        state,
+        loss_fn,
+        tx=tx,
+        ema_decay=ema_decay,
+        trainable_mask=trainable_mask,
+        axis_name=axis_name,
     )
-    trainable_grads = lax.pmean(trainable_grads, axis_name)
-    batch_stats = lax.pmean(batch_stats, axis_name)
-    frozen_grads = {path: jnp.zeros_like(value) for path, value in frozen.items()}
-    grads = traverse_util.unflatten_dict({**frozen_grads, **trainable_grads})
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
 
     top1, top5 = correct_predictions(logits, labels)
     metrics = lax.pmean(
@@ -171,10 +204,7 @@ def train_step(
     )
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     metrics["grad_norm"] = optax.tree.norm(trainable_grads)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    return _update_ema(new_state, ema_decay), metrics
+    return new_state, metrics
 
 
 def _update_ema(state: TrainState, ema_decay: float) -> TrainState:

@@ -20,11 +20,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 from jax import lax
 
 from resnet_jax.dense.metrics import confusion_matrix
-from resnet_jax.steps import partition_params
+from resnet_jax.steps import update_from_loss
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
@@ -76,10 +75,7 @@ def train_step(
     global_pixels = jnp.maximum(lax.psum(jnp.sum(weights), axis_name), 1.0)
     num_devices = lax.psum(1, axis_name)
 
-    trainable, frozen = partition_params(state.params, trainable_mask)
-
-    def loss_fn(trainable: dict) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
-        params = traverse_util.unflatten_dict({**frozen, **trainable})
+    def loss_fn(params: PyTree) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
         logits, updates = apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -90,21 +86,14 @@ def train_step(
         local_sum = jnp.sum(pixel_cross_entropy(logits, labels, weights))
         return local_sum * num_devices / global_pixels, (logits, updates.get("batch_stats", {}))
 
-    (loss, (logits, batch_stats)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable
+    new_state, loss, logits, trainable_grads = update_from_loss(
+        state,
+        loss_fn,
+        tx=tx,
+        ema_decay=ema_decay,
+        trainable_mask=trainable_mask,
+        axis_name=axis_name,
     )
-    trainable_grads = lax.pmean(trainable_grads, axis_name)
-    batch_stats = lax.pmean(batch_stats, axis_name)
-    frozen_grads = {path: jnp.zeros_like(value) for path, value in frozen.items()}
-    grads = traverse_util.unflatten_dict({**frozen_grads, **trainable_grads})
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-    if ema_params is not None:
-        ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - ema_decay)
-        ema_batch_stats = optax.incremental_update(
-            batch_stats, ema_batch_stats, step_size=1.0 - ema_decay
-        )
 
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * weights
     metrics = {
@@ -113,14 +102,6 @@ def train_step(
         "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
         "grad_norm": optax.tree.norm(trainable_grads),
     }
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        ema_params=ema_params,
-        ema_batch_stats=ema_batch_stats,
-    )
     return new_state, metrics
 
 
