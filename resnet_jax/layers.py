@@ -109,3 +109,25 @@ def weight_standardized(conv: type[nn.Module], epsilon: float) -> type[nn.Module
         f"WeightStandardized{conv.__name__}"
     )
     return WeightStandardizedConv
+
+
+def pool_and_classify(
+    x: jax.Array, num_classes: int, dtype: Any, outputs: dict[str, jax.Array]
+) -> jax.Array:
+    """Global average pooling (float32) and the `fc` classifier, as both ResNet families end; records
+    `pooled` (and `logits`) in `outputs`. Call it from a compact method: `fc` belongs to the caller."""
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    outputs["pooled"] = x
+    if num_classes > 0:
+        x = nn.Dense(
+            num_classes,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=linear_kernel_init,
+            bias_init=torch_linear_bias_init(x.shape[-1]),
+            name="fc",
+        )(x)
+        # Logits in float32 so the loss is computed in float32 under bf16 compute.
+        x = x.astype(jnp.float32)
+        outputs["logits"] = x
+    return x

@@ -24,9 +24,8 @@ from resnet_jax.layers import (
     SqueezeExcite,
     avg_pool_ceil,
     conv_kernel_init,
-    linear_kernel_init,
     pad,
-    torch_linear_bias_init,
+    pool_and_classify,
 )
 from resnet_jax.models_v2 import PreActResNet
 
@@ -190,20 +189,7 @@ class ResNet(nn.Module):
                 )(x)
             outputs[f"stage{stage + 1}"] = x
 
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        outputs["pooled"] = x
-        if self.num_classes > 0:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=linear_kernel_init,
-                bias_init=torch_linear_bias_init(x.shape[-1]),
-                name="fc",
-            )(x)
-            # Logits in float32 so the loss is computed in float32 under bf16 compute.
-            x = x.astype(jnp.float32)
-            outputs["logits"] = x
+        x = pool_and_classify(x, self.num_classes, self.dtype, outputs)
         return outputs if features else x
 
     def _norm(self, train: bool) -> ModuleDef:

@@ -21,9 +21,8 @@ from flax import linen as nn
 
 from resnet_jax.layers import (
     conv_kernel_init,
-    linear_kernel_init,
     pad,
-    torch_linear_bias_init,
+    pool_and_classify,
     weight_standardized,
 )
 
@@ -174,19 +173,7 @@ class PreActResNet(nn.Module):
             outputs[f"stage{stage + 1}"] = x
 
         x = self.act(norm(name="final_norm")(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        outputs["pooled"] = x
-        if self.num_classes > 0:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=linear_kernel_init,
-                bias_init=torch_linear_bias_init(x.shape[-1]),
-                name="fc",
-            )(x)
-            x = x.astype(jnp.float32)
-            outputs["logits"] = x
+        x = pool_and_classify(x, self.num_classes, self.dtype, outputs)
         return outputs if features else x
 
     def _norm(self, train: bool) -> ModuleDef:
