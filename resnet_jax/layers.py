@@ -131,3 +131,12 @@ def pool_and_classify(
         x = x.astype(jnp.float32)
         outputs["logits"] = x
     return x
+
+
+def check_nhwc(x: jax.Array, in_channels: int) -> None:
+    """One clear error for a wrong input layout (the common mistake: NCHW images from PyTorch)."""
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(
+            f"ResNet expects NHWC images of shape (batch, height, width, {in_channels}); "
+            f"got shape {tuple(x.shape)}. Convert NCHW with x.transpose(0, 2, 3, 1)."
+        )

@@ -23,6 +23,7 @@ from resnet_jax.conv import default_conv
 from resnet_jax.layers import (
     SqueezeExcite,
     avg_pool_ceil,
+    check_nhwc,
     conv_kernel_init,
     pad,
     pool_and_classify,
@@ -152,11 +153,7 @@ class ResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False, features: bool = False
     ) -> jax.Array | dict[str, jax.Array]:
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"ResNet expects NHWC images of shape (batch, height, width, {self.in_channels}); "
-                f"got shape {tuple(x.shape)}. Convert NCHW with x.transpose(0, 2, 3, 1)."
-            )
+        check_nhwc(x, self.in_channels)
         conv = functools.partial(
             self.conv,
             use_bias=False,

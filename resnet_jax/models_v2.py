@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from resnet_jax.layers import (
+    check_nhwc,
     conv_kernel_init,
     pad,
     pool_and_classify,
@@ -122,11 +123,7 @@ class PreActResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False, features: bool = False
     ) -> jax.Array | dict[str, jax.Array]:
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"ResNet expects NHWC images of shape (batch, height, width, {self.in_channels}); "
-                f"got shape {tuple(x.shape)}. Convert NCHW with x.transpose(0, 2, 3, 1)."
-            )
+        check_nhwc(x, self.in_channels)
         conv = self.conv
         if self.norm == "group":
             conv = weight_standardized(conv, WEIGHT_STANDARDIZATION_EPSILON)
