@@ -143,7 +143,11 @@ def test_training_checkpoint_is_preprocessed_exactly_as_the_trainer_evaluates(tm
     first = sources.DigitsSource("test")[0]
     Image.fromarray(first["image"]).save(tmp_path / "digit.png")  # PNG: lossless
     batch = next(
-        iter(create_eval_batches(config, process_index=0, process_count=1, local_batch_size=4))
+        iter(
+            create_eval_batches(
+                config, process_index=0, process_count=1, local_batch_size=4, split="test"
+            )
+        )
     )
 
     # What a checkpoint holds: the config as JSON.
