@@ -261,10 +261,10 @@ def _check_shapes(
 
 
 def _quiet_closed_loop_callbacks() -> None:
-    """Drops one kind of noise: a restore that fails on a damaged file leaves TensorStore callbacks that later
-    reach Orbax's closed event loop, and Python prints each as an "Exception ignored ... Event loop is closed"
-    traceback, after the one-line warning that already said what happened. Every other unraisable exception
-    still goes to the previous hook."""
+    """Drops the noise a restore that failed on a damaged file leaves behind: TensorStore callbacks that later
+    reach Orbax's closed event loop ("Exception ignored ... Event loop is closed"), and Orbax read coroutines
+    closed while holding the read error. Python would print each as a traceback after the one-line warning that
+    already said what happened. Every other unraisable exception still goes to the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "quiets_closed_loop", False):
         return
@@ -272,6 +272,10 @@ def _quiet_closed_loop_callbacks() -> None:
     def hook(unraisable: Any) -> None:
         error = unraisable.exc_value
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        # An Orbax read coroutine of the failed restore, closed while still holding the read error.
+        origin = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if f"{os.sep}orbax{os.sep}" in origin:
             return
         previous(unraisable)
 
