@@ -281,6 +281,11 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook.quiets_closed_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The same read tasks, when garbage-collected with their error unretrieved, are reported by asyncio's
+    # logger ("Task exception was never retrieved") rather than by the unraisable hook.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "Task exception was never retrieved" not in record.getMessage()
+    )
 
 
 def restore_newest_usable(
