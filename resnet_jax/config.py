@@ -22,6 +22,9 @@ AUGMENTS = ("imagenet", "cifar", "none")
 NORMALIZATIONS = ("dataset", "imagenet")
 PARALLELISMS = ("shard_map", "pmap")
 FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
+AUTO_AUGMENTS = ("none", "trivial_augment", "rand_augment")
+TASKS = ("classification", "segmentation")
+HEAD_NORMS = ("group", "batch")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,6 +63,24 @@ def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     config.augment = placeholder(str)
     config.crop_padding = 4  # "cifar" augmentation: pixels of zero padding before the random crop
     config.normalization = "dataset"  # "dataset" (its own mean/std) | "imagenet" (torchvision's)
+    # Recipe augmentations (torchvision's "how to train state-of-the-art models"), all off by default.
+    # auto_augment: after the crop and flip, one of AUTO_AUGMENTS (TrivialAugmentWide, RandAugment).
+    config.auto_augment = "none"
+    config.rand_augment_num_ops = 2  # RandAugment: ops per image ...
+    config.rand_augment_magnitude = 9  # ... and their magnitude bin, 0..30 (torchvision's 31 bins)
+    config.random_erasing_prob = (
+        0.0  # after normalization: erase a random box with this probability
+    )
+    # Eval resolution (FixRes): 0 = image_size. "imagenet" eval resizes to eval_image_size /
+    # eval_crop_fraction, then center-crops eval_image_size (torchvision's 232 -> 224 is 224, 224/232).
+    config.eval_image_size = 0
+    config.eval_crop_fraction = 0.875
+    # Progressive resizing (FFCV's ResNet-50 recipe): 0 = off; else the train resolution ramps linearly
+    # from this size at progressive_resize_epochs[0] to image_size at progressive_resize_epochs[1], in
+    # multiples of progressive_resize_multiple (one compiled train step per resolution).
+    config.progressive_resize_min_size = 0
+    config.progressive_resize_epochs = (0.0, 0.0)
+    config.progressive_resize_multiple = 32
     config.folder_val_fraction = 0.1  # "folder:" without val/: share held out by path hash
     config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
     config.num_workers = 0  # Grain worker processes; 0 = in the main process
@@ -118,7 +139,7 @@ def _add_run_keys(config: ml_collections.ConfigDict) -> None:
     config.eval_every_steps = 0  # 0 = once per epoch
     config.checkpoint_every_steps = 0  # 0 = once per epoch
     config.checkpoints_to_keep = 3  # the latest N checkpoints (a run resumes from the newest) ...
-    config.best_checkpoints_to_keep = 1  # ... plus the N with the best eval_accuracy
+    config.best_checkpoints_to_keep = 1  # ... plus the N with the best best_metric
 
     # Fine-tuning (resnet_jax.finetune): start from a checkpoint's backbone under a new classifier.
     # init_from: a training workdir or a `python -m resnet_jax.convert` checkpoint; "" = from scratch.
@@ -126,6 +147,19 @@ def _add_run_keys(config: ml_collections.ConfigDict) -> None:
     # "full" | "frozen_bn" (BN normalizes with running statistics) | "linear_probe" (only the head trains).
     config.finetune_mode = "full"
     config.backbone_lr_multiplier = 1.0  # every non-classifier parameter's lr / the head's lr
+
+    # Task (resnet_jax.dense for "segmentation": an FPN over C2..C5 and a per-pixel head).
+    config.task = "classification"  # one of TASKS
+    config.fpn_channels = 32  # segmentation: FPN width
+    config.head_channels = 32  # segmentation: per-level conv width of the head
+    config.head_norm = "group"  # segmentation head's norm: "group" (no state) | "batch"
+    # dataset "digit_canvases": scikit-learn digits pasted on canvases, per-pixel labels.
+    config.canvas_size = 48  # canvas side (= image_size)
+    config.canvas_digit_sizes = (10, 20)  # digit side range in px
+    config.canvas_train_examples = 4096
+    config.canvas_eval_examples = 512  # validation and test canvases each
+    # The eval metric that ranks checkpoints (best_checkpoints_to_keep); higher is better.
+    config.best_metric = "eval_accuracy"
 
 
 class ConfigError(ValueError):
@@ -239,6 +273,56 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutmix_alpha": _at_least(0),
     "mix_prob": _fraction(),
     "switch_prob": _fraction(),
+    "auto_augment": _choice(AUTO_AUGMENTS),
+    "rand_augment_num_ops": _positive_int(),
+    "rand_augment_magnitude": (
+        (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 30),
+        "an integer in [0, 30]",
+    ),
+    "random_erasing_prob": _fraction(),
+    "eval_image_size": (
+        (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "an integer >= 0 (0 = image_size)",
+    ),
+    "eval_crop_fraction": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "progressive_resize_min_size": (
+        (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "an integer >= 0 (0 = off)",
+    ),
+    "progressive_resize_epochs": (
+        (
+            lambda v: (
+                isinstance(v, tuple | list)
+                and len(v) == 2
+                and all(_is_number(e) and e >= 0 for e in v)
+                and v[0] <= v[1]
+            )
+        ),
+        "a pair (start_epoch, end_epoch) with 0 <= start <= end",
+    ),
+    "progressive_resize_multiple": _positive_int(),
+    "task": _choice(TASKS),
+    "fpn_channels": _positive_int(),
+    "head_channels": _positive_int(),
+    "head_norm": _choice(HEAD_NORMS),
+    "canvas_size": _positive_int(),
+    "canvas_digit_sizes": (
+        (
+            lambda v: (
+                isinstance(v, tuple | list)
+                and len(v) == 2
+                and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)
+                and v[0] <= v[1]
+            )
+        ),
+        "a pair (smallest, largest) of positive integers",
+    ),
+    "canvas_train_examples": _positive_int(),
+    "canvas_eval_examples": _positive_int(),
+    "best_metric": (
+        (lambda v: isinstance(v, str) and v.startswith("eval_")),
+        'the name of an eval metric, e.g. "eval_accuracy" or "eval_mean_iou"',
+    ),
 }
 
 
