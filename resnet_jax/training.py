@@ -20,9 +20,11 @@ import jax
 import ml_collections
 
 from resnet_jax import data, optim, reporting, steps
+from resnet_jax.checkpoint import divergence
 from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
 from resnet_jax.config import ConfigError, to_json, validate_config
+from resnet_jax.dense import task as dense_task
 from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate, non_finite_paths
 from resnet_jax.mixing import BatchMixing
 from resnet_jax.models import ResNet
@@ -32,7 +34,9 @@ from resnet_jax.run_setup import (
     RunPlan,
     create_model_from_config,
     create_optimization,
+    eval_summary,
     initial_state,
+    is_segmentation,
     plan_run,
     state_to_save,
 )
@@ -51,6 +55,15 @@ def compile_steps(
     optimization: Optimization,
 ) -> tuple[Callable, dict[str, Callable]]:
     """The compiled train step (donating the state) and eval steps by metric prefix (eval, eval_ema)."""
+    if is_segmentation(config):
+        return dense_task.compile_steps(
+            config,
+            data_parallel,
+            model,
+            tx=optimization.tx,
+            learning_rate_fn=optimization.learning_rate_fn,
+            trainable_mask=optimization.trainable_mask,
+        )
     train_fn = data_parallel.compile(
         functools.partial(
             steps.train_step,
@@ -124,8 +137,12 @@ class _Run:
     train_iter: Any
     train_fn: Callable
     eval_fns: dict[str, Callable]
+    model: Any  # what the steps apply (a ResNet, or dense's SegmentationModel)
     state: TrainState
     is_main: bool
+    # checkpoint step -> the (device) loss its weights gave on the next step; judges them after a
+    # divergence (`checkpoint.divergence`).
+    next_step_losses: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def report(self, line: str) -> None:
         """A line for the person watching: above the progress bar, or logged when there is none."""
@@ -165,33 +182,42 @@ class _Run:
             reporting.progress_bar(total, enabled=self.is_main, desc=split)
         ) as bar:
             results = evaluate(
-                self.eval_fns, self.state, self.data_parallel, batches, lambda: bar.update(1)
+                self.eval_fns,
+                self.state,
+                self.data_parallel,
+                batches,
+                lambda: bar.update(1),
+                summarize=eval_summary(self.config),
             )
         if split == "test":  # eval_loss -> test_loss, eval_ema_accuracy -> test_ema_accuracy
             results = {"test" + name.removeprefix("eval"): value for name, value in results.items()}
         self.writer.write(step, results)
         self.writer.plot_curves()  # <workdir>/curves.png, redrawn at every eval
         self.report(reporting.format_metrics(step, results))
+        if is_segmentation(self.config) and split == "eval" and step == self.plan.num_steps:
+            self.write_predictions()
         return results
 
-    def save(self, step: int, eval_metrics: dict[str, float], force: bool) -> None:
-        """Checkpoints the state, only if every value in it is finite: a checkpoint that cannot be
-        trained from must never replace a good one."""
-        if bad := non_finite_paths(self.state):
-            last_good = self.checkpointer.latest_step()
-            kept = (
-                f"the last good checkpoint, step {last_good} in {self.checkpointer.directory}, is kept"
-                if last_good is not None
-                else "no checkpoint was written"
+    def write_predictions(self) -> None:
+        """`<workdir>/predictions.png`: input, truth and prediction for a few validation canvases."""
+        if self.is_main:
+            state = self.data_parallel.unreplicate(self.state)
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            path = dense_task.write_predictions_png(
+                self.config, self.workdir, self.model, variables
             )
+            self.report(f"predictions of the last step's model: {path}")
+
+    def save(self, step: int, eval_metrics: dict[str, float], force: bool) -> bool:
+        """Checkpoints the state (returns whether it saved), only if every value in it is finite: a
+        checkpoint that cannot be trained from must never replace a good one."""
+        if bad := non_finite_paths(self.state):
             raise NonFiniteLossError(
                 f"non-finite values in the training state at step {step} ({', '.join(bad[:5])}"
-                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}); not saved, {kept}. "
-                "Lower learning_rate, add warmup_epochs or grad_clip_norm, then rerun: the run resumes "
-                "from the last good checkpoint."
+                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}); stopped, not saved"
             )
         # No data item: the data position is the step (`data.stream`), the same on any topology.
-        self.checkpointer.save(
+        return self.checkpointer.save(
             step,
             state_to_save(self.data_parallel, self.state),
             None,
@@ -206,10 +232,13 @@ def _train_loop(run: _Run, start_step: int) -> dict[str, float]:
     train_metrics = TrainMetrics(run.data_parallel)
     final: dict[str, float] = {}
     timer_start, timer_step = time.perf_counter(), start_step
+    last_saved = start_step
     for step in range(start_step + 1, plan.num_steps + 1):
         batch = run.data_parallel.shard_batch(next(run.train_iter))
         run.state, metrics = run.train_fn(run.state, batch)
         train_metrics.append(step, metrics)
+        if step == last_saved + 1:
+            run.next_step_losses[last_saved] = metrics["loss"]
         run.progress.update(1)
         is_last = step == plan.num_steps
         if step % config.log_every_steps == 0 or is_last:
@@ -226,7 +255,8 @@ def _train_loop(run: _Run, start_step: int) -> dict[str, float]:
             # Saved only once every step up to this one had a finite loss and gradient, so a
             # divergence never overwrites the last good checkpoint.
             train_metrics.check_finite()
-            run.save(step, eval_metrics, force=is_last or preempted)
+            if run.save(step, eval_metrics, force=is_last or preempted):
+                last_saved = step
         if is_last and plan.info.num_test_examples:
             # After the last save: the test split is reported, never used to rank checkpoints.
             final.update(run.evaluate(step, split="test"))
@@ -305,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 save_every_steps=plan.checkpoint_every,
                 max_to_keep=config.checkpoints_to_keep,
                 keep_best=config.best_checkpoints_to_keep,
+                best_metric=config.best_metric,
                 config=to_json(config),
             )
         )
@@ -343,7 +374,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train_iter=train_iter,
             train_fn=train_fn,
             eval_fns=eval_fns,
+            model=model,
             state=state,
             is_main=is_main,
         )
-        return _train_loop(run, start_step)
+        try:
+            return _train_loop(run, start_step)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error}; {_after_divergence(run)}") from None
+
+
+def _after_divergence(run: _Run) -> str:
+    """Sets aside the checkpoints whose weights had diverged; says what is kept and how to rerun."""
+    run.checkpointer.wait_until_finished()
+    losses = {
+        step: float(run.data_parallel.unreplicate(loss))
+        for step, loss in run.next_step_losses.items()
+    }
+    bound = divergence.exploded_loss_bound(run.plan.info.num_classes)
+    kept = divergence.set_aside_diverged(run.checkpointer, losses, bound)
+    return f"{kept}. Lower learning_rate, add warmup_epochs or grad_clip_norm, then rerun"
