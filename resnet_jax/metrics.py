@@ -46,11 +46,11 @@ class TrainMetrics:
         fetched = self._data_parallel.unreplicate([m for _, m in self._on_device])
         for (step, _), metrics in zip(self._on_device, fetched, strict=True):
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                # The trainer adds which checkpoints are kept and how to rerun (`training`).
                 raise NonFiniteLossError(
                     f"non-finite training loss or gradient at step {step} (loss "
-                    f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}); stopping. "
-                    "Lower learning_rate, add warmup_epochs or grad_clip_norm. No checkpoint was written "
-                    f"from step {step} on."
+                    f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}); stopped, "
+                    f"nothing from step {step} on was saved"
                 )
             self._on_host.append((step, {k: float(v) for k, v in metrics.items()}))
         self._on_device = []
