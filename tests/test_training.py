@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -167,3 +168,28 @@ def test_learning_rate_per_256_follows_the_batch_size_given_on_the_command_line(
     rates = [r["learning_rate"] for r in read_metrics(tmp_path) if "learning_rate" in r]
     assert rates == pytest.approx([0.4 * 64 / 256] * 2)
     assert "peak learning rate 0.1 = learning_rate_per_256 0.4 x global batch" in result.stderr
+
+
+@pytest.mark.parametrize("failing_part", ["compile_steps", "train_batches_from"])
+def test_an_error_during_setup_closes_the_checkpointer_and_restores_the_sigterm_handler(
+    tmp_path, monkeypatch, failing_part
+):
+    from resnet_jax import training
+
+    closed = []
+    real_close = TrainingCheckpointer.close
+    monkeypatch.setattr(
+        TrainingCheckpointer, "close", lambda self: closed.append(1) or real_close(self)
+    )
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"injected failure in {failing_part}")
+
+    monkeypatch.setattr(training, failing_part, fail)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    config = config_lib.base_config()
+    config.update(TINY)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        training.train_and_evaluate(config, str(tmp_path))
+    assert closed == [1]
+    assert signal.getsignal(signal.SIGTERM) is handler_before
