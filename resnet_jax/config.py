@@ -361,3 +361,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.finetune_mode={config.finetune_mode!r} needs config.init_from (a checkpoint to "
             "fine-tune); set it, or use finetune_mode='full' to train from scratch"
         )
+    _check_task(config)
+
+
+TASK_METRICS = {  # the eval metrics of each task that can rank checkpoints (higher is better)
+    "classification": ("accuracy", "top5_accuracy"),
+    "segmentation": ("mean_iou", "pixel_accuracy"),
+}
+# Classification options the segmentation task does not apply: left at their defaults (augment: or "none").
+CLASSIFICATION_ONLY = "augment auto_augment random_erasing_prob label_smoothing mixup_alpha cutmix_alpha dropout_rate progressive_resize_min_size eval_image_size"
+
+
+def _check_task(config: ml_collections.ConfigDict) -> None:
+    """The keys that must agree with `config.task`: dataset, input size, options and best_metric."""
+    segmentation, defaults = config.task == "segmentation", base_config()
+    if segmentation != (config.dataset == "digit_canvases"):
+        raise ConfigError(
+            f"config.task={config.task!r} cannot train on config.dataset={config.dataset!r}: task "
+            "'segmentation' needs dataset 'digit_canvases' (per-pixel labels), others 'classification'"
+        )
+    if segmentation and config.image_size != config.canvas_size:
+        raise ConfigError(
+            f"config.image_size={config.image_size} differs from config.canvas_size="
+            f"{config.canvas_size}: the canvas is the model input; set both to the same size"
+        )
+    for key in CLASSIFICATION_ONLY.split() if segmentation else ():
+        if config[key] not in (defaults[key], "none"):
+            raise ConfigError(
+                f"config.{key}={config[key]!r} is a classification option that task 'segmentation' "
+                f"does not apply (it would have to move the label map too); leave it {defaults[key]!r}"
+            )
+    prefixes = ("eval_", "eval_ema_") if config.ema_decay > 0 else ("eval_",)
+    allowed = [prefix + name for prefix in prefixes for name in TASK_METRICS[config.task]]
+    if config.best_metric not in allowed:
+        raise ConfigError(
+            f"config.best_metric={config.best_metric!r} is not an eval metric of task "
+            f"{config.task!r}; choose one of {allowed}"
+        )

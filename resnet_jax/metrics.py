@@ -98,6 +98,28 @@ def non_finite_paths(tree: Any) -> list[str]:
 
 
 EvalFn = Callable[[TrainState, Any], Mapping[str, jax.Array]]
+Summarize = Callable[[Mapping[str, Any]], dict[str, float]]
+
+
+def accumulate(batch_sums: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-name totals of fetched per-batch eval sums, wide enough that a long split loses nothing.
+
+    Scalars are added exactly (`math.fsum`) into a float; arrays (a confusion matrix) in int64, or float64
+    for float arrays. Every eval step (classification's `steps.eval_step`, the dense one) returns sums, so
+    every task's exact eval is this plus its own summary of the totals.
+    """
+    batch_sums = list(batch_sums)
+    if not batch_sums:
+        return {}
+    totals: dict[str, Any] = {}
+    for name in batch_sums[0]:
+        values = [np.asarray(sums[name]) for sums in batch_sums]
+        if values[0].ndim == 0:
+            totals[name] = math.fsum(float(v) for v in values)
+        else:
+            wide = np.int64 if np.issubdtype(values[0].dtype, np.integer) else np.float64
+            totals[name] = np.sum([v.astype(wide) for v in values], axis=0, dtype=wide)
+    return totals
 
 
 def evaluate(
@@ -106,12 +128,15 @@ def evaluate(
     data_parallel: DataParallel,
     batches: Iterable[dict[str, np.ndarray]],
     on_batch: Callable[[], None] = lambda: None,
+    summarize: Summarize = steps.summarize_eval,
 ) -> dict[str, float]:
     """Exact metrics of every `eval_fns[prefix]` over one pass of `batches` (each process's padded,
     masked share of the split), as `{f"{prefix}_{name}": value}`.
 
     The split is read and placed on the devices once, however many functions (the model, its EMA)
-    evaluate it; `on_batch` is called after each batch (a progress bar).
+    evaluate it; `on_batch` is called after each batch (a progress bar). `summarize` turns the split's
+    `accumulate`d sums into metrics: `steps.summarize_eval` for classification,
+    `dense.metrics.summarize_dense_eval` for segmentation.
     """
     sums: dict[str, list] = {prefix: [] for prefix in eval_fns}
     for batch in batches:
@@ -121,9 +146,7 @@ def evaluate(
         on_batch()
     results = {}
     for prefix, fetched in data_parallel.unreplicate(sums).items():
-        # Accumulated in float64 on the host so that long splits lose nothing to float32 rounding.
-        totals = {name: math.fsum(float(s[name]) for s in fetched) for name in steps.EVAL_SUM_NAMES}
-        results.update(
-            {f"{prefix}_{name}": value for name, value in steps.summarize_eval(totals).items()}
-        )
+        # Accumulated on the host, exactly, so that long splits lose nothing to float32 rounding.
+        totals = accumulate(fetched)
+        results.update({f"{prefix}_{name}": value for name, value in summarize(totals).items()})
     return results

@@ -2,6 +2,9 @@
 
 `training.train_and_evaluate` calls these in order; each is a function of the config (and what the
 previous ones returned), so a notebook can build the same pieces without running the loop.
+
+`config.task` picks the model and what fine-tuning keeps: a classifier (a new `fc` head), or
+`resnet_jax.dense`'s segmentation model (the classifier's backbone under a new FPN neck and head).
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import linen as nn
 
 from resnet_jax import data, finetune, optim
 from resnet_jax.checkpoint import load_variables
 from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
 from resnet_jax.checkpoint.resume import NoUsableCheckpointError, restore_newest_usable
 from resnet_jax.config import ConfigError, to_json
-from resnet_jax.metrics import non_finite_paths
-from resnet_jax.models import ResNet, create_model
+from resnet_jax.dense import metrics as dense_metrics
+from resnet_jax.dense import pretrained as dense_pretrained
+from resnet_jax.dense import task as dense_task
+from resnet_jax.metrics import Summarize, non_finite_paths
+from resnet_jax.models import create_model
 from resnet_jax.parallel import DATA_AXIS, DataParallel
+from resnet_jax.steps import summarize_eval
 from resnet_jax.train_state import TrainState, create_train_state, init_variables
 from resnet_jax.tree_diff import diff_variables
 
@@ -36,8 +44,15 @@ _log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+def is_segmentation(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains `resnet_jax.dense`'s segmentation model (else a classifier)."""
+    return config.task == "segmentation"
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The model the step applies: synced BN means BatchNorm reduces over the `data` axis."""
+    if is_segmentation(config):
+        return dense_task.create_model_from_config(config, num_classes)
     return create_model(
         config.model,
         num_classes=num_classes,
@@ -100,7 +115,7 @@ class Optimization:
 
 
 def create_optimization(
-    config: ml_collections.ConfigDict, model: ResNet, plan: RunPlan
+    config: ml_collections.ConfigDict, model: nn.Module, plan: RunPlan
 ) -> Optimization:
     """The learning-rate schedule and optimizer of `config`, with fine-tuning's parameter groups."""
     try:
@@ -115,12 +130,18 @@ def create_optimization(
     abstract = jax.eval_shape(
         lambda: init_variables(model, jax.random.key(config.seed), plan.info.image_size)
     )
-    labels = finetune.param_groups(abstract["params"])
+    groups = dense_pretrained.param_groups if is_segmentation(config) else finetune.param_groups
+    labels = groups(abstract["params"])
     multipliers = finetune.lr_multipliers(config.finetune_mode, config.backbone_lr_multiplier)
     tx = optim.create_optimizer(
         config, learning_rate_fn, param_labels=labels, lr_multipliers=multipliers
     )
     return Optimization(learning_rate_fn, tx, finetune.trainable_mask(labels, multipliers))
+
+
+def eval_summary(config: ml_collections.ConfigDict) -> Summarize:
+    """What turns the eval step's accumulated sums into the task's metrics (`metrics.evaluate`)."""
+    return dense_metrics.summarize_dense_eval if is_segmentation(config) else summarize_eval
 
 
 def state_to_save(data_parallel: DataParallel, state: TrainState) -> TrainState:
@@ -130,14 +151,16 @@ def state_to_save(data_parallel: DataParallel, state: TrainState) -> TrainState:
 
 
 def _write_full_mismatch(
-    path: str, fresh_variables: dict[str, Any], init_from: str, message: str
+    config: ml_collections.ConfigDict, path: str, fresh_variables: dict[str, Any], message: str
 ) -> None:
     """The mismatch message with every path listed (the error shows `MAX_LISTED` per kind)."""
-    pretrained, _ = load_variables(init_from)
+    pretrained, _ = load_variables(config.init_from)
+    head_names = finetune.DEFAULT_HEAD_NAMES
+    if is_segmentation(config):  # the classifier's modules as the segmentation model names them
+        pretrained = dense_pretrained.backbone_variables_from_classifier(pretrained)
+        head_names = dense_pretrained.HEAD_NAMES
     diff = diff_variables(
-        fresh_variables,
-        pretrained,
-        ignore=lambda path: path.split("/")[1] in finetune.DEFAULT_HEAD_NAMES,
+        fresh_variables, pretrained, ignore=lambda path: path.split("/")[1] in head_names
     )
     lines = message.splitlines()
     hint = lines[1].removeprefix("hint: ") if lines[1].startswith("hint: ") else ""
@@ -162,10 +185,13 @@ def _start_from_pretrained(
     """Step 0 with `config.init_from`'s backbone under `state`'s fresh classifier, a new optimizer state."""
     fresh = data_parallel.unreplicate(state)
     fresh_variables = {"params": fresh.params, "batch_stats": fresh.batch_stats}
+    load = (
+        dense_pretrained.load_pretrained_backbone
+        if is_segmentation(config)
+        else finetune.load_pretrained
+    )
     try:
-        variables, metadata = finetune.load_pretrained(
-            fresh_variables, config.init_from, model_name=config.model
-        )
+        variables, metadata = load(fresh_variables, config.init_from, model_name=config.model)
     except FileNotFoundError as e:
         raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
     except finetune.CheckpointMismatchError as e:
@@ -173,16 +199,17 @@ def _start_from_pretrained(
         if re.search(r"^  \.\.\. \d+ more$", str(e), re.MULTILINE):
             path = os.path.join(workdir, INIT_FROM_MISMATCH_REPORT)
             if jax.process_index() == 0:
-                _write_full_mismatch(path, fresh_variables, config.init_from, str(e))
+                _write_full_mismatch(config, path, fresh_variables, str(e))
             message += f"\nthe full lists: {path}"
         raise ConfigError(message) from None
     _log.info(
-        "fine-tuning (%s) from %s (%s, %s classes, step %s): backbone restored, new classifier",
+        "fine-tuning (%s) from %s (%s, %s classes, step %s): backbone restored, new %s",
         config.finetune_mode,
         config.init_from,
         metadata.get("model"),
         metadata.get("num_classes"),
         metadata.get("step", "-"),
+        "FPN neck and segmentation head" if is_segmentation(config) else "classifier",
     )
     # Merged on the host and placed with `replicate`: inside `init_state`'s jit the pretrained arrays
     # would become constants of the compiled program.
@@ -194,7 +221,7 @@ def _start_from_pretrained(
 def initial_state(
     config: ml_collections.ConfigDict,
     data_parallel: DataParallel,
-    model: ResNet,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     plan: RunPlan,
     checkpointer: TrainingCheckpointer,

@@ -15,6 +15,7 @@ from resnet_jax.data.sources import DigitsSource
 from resnet_jax.dense import canvases, metrics, pretrained
 from resnet_jax.dense import steps as dense_steps
 from resnet_jax.dense.fpn import FPN, SegmentationModel, stage_names
+from resnet_jax.metrics import accumulate
 from resnet_jax.models import create_model
 from resnet_jax.parallel import DATA_AXIS, DataParallel
 
@@ -162,12 +163,12 @@ def test_mean_iou_of_a_hand_worked_confusion_matrix():
     np.testing.assert_array_equal(counted, confusion)
 
 
-def test_accumulated_sums_are_int64_and_float64():
-    totals = metrics.accumulate(
+def test_accumulated_sums_are_int64_and_exact_floats():
+    totals = accumulate(
         [{"confusion": np.full((2, 2), 2**30, np.int32), "loss_sum": np.float32(0.1)}] * 4
     )
     assert totals["confusion"].dtype == np.int64 and totals["confusion"][0, 0] == 2**32
-    assert totals["loss_sum"].dtype == np.float64
+    assert totals["loss_sum"] == 4 * float(np.float32(0.1))  # exact: no float32 rounding
 
 
 # -- the digit canvases ---------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_dense_train_step_lowers_the_loss_and_eval_counts_every_real_pixel_once(
         sums["confusion"].sum(1),
         np.bincount(eval_batch["label"][:3].ravel(), minlength=canvases.NUM_CLASSES),
     )
-    summary = metrics.summarize_dense_eval(metrics.accumulate([sums]))
+    summary = metrics.summarize_dense_eval(accumulate([sums]))
     assert 0.0 <= summary["mean_iou"] <= summary["pixel_accuracy"] <= 1.0
 
 
@@ -421,7 +422,7 @@ def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(tmp_path)
 
 
 def _segmentation_config():
-    """The recipe with its pending keys, shrunk to tiny sizes."""
+    """The recipe, shrunk to tiny sizes."""
     import importlib.util
     import os
 
@@ -432,17 +433,27 @@ def _segmentation_config():
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     config = recipe.get_config()
-    config.update(recipe.PENDING_KEYS)
     config.update(
-        {"canvas_size": 16, "canvas_digit_sizes": (6, 8), "fpn_channels": 8, "head_channels": 8}
+        {
+            "canvas_size": 16,
+            "image_size": 16,
+            "canvas_digit_sizes": (6, 8),
+            "canvas_train_examples": 8,
+            "canvas_eval_examples": 3,
+            "fpn_channels": 8,
+            "head_channels": 8,
+        }
     )
     return config
 
 
-def test_task_pieces_train_evaluate_and_draw_from_the_recipe(tmp_path):
+def test_task_pieces_train_evaluate_and_draw_from_the_pipelines_batches(tmp_path):
+    from resnet_jax import data
+    from resnet_jax.config import validate_config
     from resnet_jax.dense import task
 
     config = _segmentation_config()
+    validate_config(config)
     model = task.create_model_from_config(config, canvases.NUM_CLASSES, conv=nn.Conv)
     variables = train_state.init_variables(model, jax.random.key(0), config.canvas_size)
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10)
@@ -452,20 +463,27 @@ def test_task_pieces_train_evaluate_and_draw_from_the_recipe(tmp_path):
         config, data_parallel, model, tx=tx, learning_rate_fn=schedule, trainable_mask=None
     )
     state = data_parallel.replicate(train_state.create_train_state(variables, tx, use_ema=False))
-    mean, std = task.canvas_source(config, "train").stats()
-    train_records = [task.canvas_source(config, "train")[i] for i in range(4)]
-    batch = task.collate(train_records, mean, std)
+    batches = data.create_train_iterator(
+        config, process_index=0, process_count=1, global_batch_size=4, seed=0
+    )
+    batch = next(batches)
+    assert batch["label"].shape == (4, 16, 16) and batch["label"].dtype == np.int32
     state, step_metrics = train_fn(state, data_parallel.shard_batch(batch))
     assert np.isfinite(float(step_metrics["loss"]))
 
-    validation = task.canvas_source(config, "validation")
-    eval_batch = task.collate([validation[i] for i in range(3)], mean, std, batch_size=4)
-    sums = data_parallel.unreplicate(eval_fns["eval"](state, data_parallel.shard_batch(eval_batch)))
-    summary = task.summarize_eval([sums, sums])
+    # 3 validation canvases in batches of 2: the second batch has a padding row (mask 0).
+    eval_batches = list(
+        data.create_eval_batches(config, process_index=0, process_count=1, local_batch_size=2)
+    )
+    assert [b["mask"].tolist() for b in eval_batches] == [[1, 1], [1, 0]]
+    sums = [
+        data_parallel.unreplicate(eval_fns["eval"](state, data_parallel.shard_batch(b)))
+        for b in eval_batches
+    ]
+    summary = metrics.summarize_dense_eval(accumulate(sums))
     assert set(summary) == {"loss", "pixel_accuracy", "mean_iou"}
+    assert sum(int(s["confusion"].sum()) for s in sums) == 3 * 16 * 16
 
     host = data_parallel.unreplicate(state)
-    path = task.write_predictions_png(
-        str(tmp_path), model, host.variables, validation, mean, std, count=2
-    )
+    path = task.write_predictions_png(config, str(tmp_path), model, host.variables, count=2)
     assert path.endswith("predictions.png") and (tmp_path / "predictions.png").stat().st_size > 0

@@ -25,11 +25,10 @@ from jax.experimental import multihost_utils
 
 from resnet_jax.checkpoint.preemption import PreemptionWatcher
 from resnet_jax.checkpoint.variables import CHECKPOINTS_SUBDIR, CONFIG_ITEM, STATE_ITEM
-from resnet_jax.config import to_json
+from resnet_jax.config import base_config, to_json
 
 PyTree = Any
 
-BEST_METRIC = "eval_accuracy"
 DATA_ITEM = "data"
 # Checkpoints that cannot be resumed from are moved here (`<step>.<reason>`), never deleted. Orbax's manager
 # only counts directories named by a step number, so it ignores this one.
@@ -71,7 +70,8 @@ class TrainingCheckpointer:
     checkpoint; the temporary directory it leaves is deleted when the next run opens the directory.
 
     Preservation: the latest `max_to_keep` checkpoints, plus the `keep_best` ones with the highest
-    `eval_accuracy` among those saved with eval metrics.
+    `best_metric` (the run's `config.best_metric`: eval_accuracy, eval_mean_iou, ...) among those saved with
+    eval metrics.
 
     Preemption: `reached_preemption(step)` is True once the job has been told to stop. After
     `jax.distributed.initialize` JAX's preemption sync service catches SIGTERM and all processes agree on the
@@ -86,7 +86,7 @@ class TrainingCheckpointer:
         save_every_steps: int,
         max_to_keep: int = 3,
         keep_best: int = 1,
-        best_metric: str = BEST_METRIC,
+        best_metric: str = base_config().best_metric,
         config: Mapping[str, Any] | None = None,
         async_save: bool = True,
         handle_sigterm: bool = True,

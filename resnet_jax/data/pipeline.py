@@ -33,6 +33,8 @@ from resnet_jax.data import folder, sources, stream, transforms
 from resnet_jax.data.sources import DataError
 
 DIGITS = "digits"
+# Per-pixel labelled canvases of the digits (`resnet_jax.dense.canvases`, imported where used: it imports us).
+DIGIT_CANVASES = "digit_canvases"
 FOLDER_PREFIX = "folder:"
 # The share of a TFDS train split held out for validation when the dataset has no validation split.
 VALIDATION_FRACTION = 0.1
@@ -70,12 +72,14 @@ class DatasetSpec:
     crop_padding: int
     folder_val_fraction: float
     max_bad_image_fraction: float
+    canvas_digit_sizes: tuple[int, int] = (10, 20)  # digit_canvases: the digits' side range ...
+    canvas_examples: tuple[int, int] = (0, 0)  # ... and the canvases in train, in each eval split
 
     @property
     def kind(self) -> str:
-        """'digits', 'folder' or 'tfds'."""
-        if self.dataset == DIGITS:
-            return "digits"
+        """'digits', 'digit_canvases', 'folder' or 'tfds'."""
+        if self.dataset in (DIGITS, DIGIT_CANVASES):
+            return self.dataset
         if self.dataset.startswith(FOLDER_PREFIX):
             return "folder"
         return "tfds"
@@ -91,6 +95,13 @@ class DatasetSpec:
             raise DataError(f"{self.dataset} has no {role} split")
         if self.kind == "digits":
             return sources.DigitsSource(split)
+        if self.kind == DIGIT_CANVASES:
+            from resnet_jax.dense import canvases
+
+            count = self.canvas_examples[role != "train"]
+            return canvases.DigitCanvases(
+                split, count, canvas_size=self.image_size, digit_sizes=self.canvas_digit_sizes
+            )
         if self.held_out_fraction > 0 and role != "test":
             whole = sources.TfdsSource(self.dataset, self.train_split, self.data_dir)
             held_out = sources.index_hash_fractions(len(whole)) < self.held_out_fraction
@@ -115,7 +126,7 @@ def _default_splits(
     config: ml_collections.ConfigDict,
 ) -> tuple[str, str | None, str | None, float, str]:
     """(train, eval, test, held-out fraction, augment) of the configured dataset when the config says None."""
-    if config.dataset == DIGITS:
+    if config.dataset in (DIGITS, DIGIT_CANVASES):
         return "train", "validation", "test", 0.0, "none"
     if config.dataset.startswith(FOLDER_PREFIX):
         return "train", None, None, 0.0, "imagenet"
@@ -155,6 +166,8 @@ def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
         crop_padding=config.crop_padding,
         folder_val_fraction=config.folder_val_fraction,
         max_bad_image_fraction=config.max_bad_image_fraction,
+        canvas_digit_sizes=tuple(config.canvas_digit_sizes),
+        canvas_examples=(config.canvas_train_examples, config.canvas_eval_examples),
     )
 
 
@@ -163,7 +176,7 @@ def _normalization_stats(spec: DatasetSpec) -> tuple[tuple[float, ...], tuple[fl
     """Per-channel (mean, std) of pixel/255 that normalization subtracts and divides by."""
     if spec.normalization == "imagenet":
         return transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
-    if spec.kind == "digits":
+    if spec.kind in (DIGITS, DIGIT_CANVASES):  # canvases: what a digits backbone saw
         return sources.DigitsSource(spec.train_split).stats()
     known = sources.KNOWN_STATS.get(spec.dataset.split("/")[0])
     if spec.kind == "tfds" and known is not None:
@@ -242,6 +255,25 @@ class _EvalBatchSource:
         return [self._source[i] for i in range(first, min(first + self._batch_size, self._stop))]
 
 
+def _train_preprocessor(spec: DatasetSpec) -> grain.transforms.RandomMap:
+    """Decode, augment, normalize one training record: the dense canvases keep their label maps."""
+    if spec.kind != DIGIT_CANVASES:
+        return transforms.TrainPreprocess(**_preprocess_options(spec))
+    from resnet_jax.dense import canvases
+
+    return canvases.CanvasTrainPreprocess(*_normalization_stats(spec))
+
+
+def _eval_batches_map(config: ml_collections.ConfigDict, batch_size: int) -> grain.transforms.Map:
+    """Records of one eval batch -> the padded, masked batch (`map([])`: a whole padding batch)."""
+    spec = dataset_spec(config)
+    if spec.kind != DIGIT_CANVASES:
+        return eval_preprocessor(config, batch_size=batch_size)
+    from resnet_jax.dense import canvases
+
+    return canvases.CanvasEvalPreprocess(*_normalization_stats(spec), batch_size, spec.image_size)
+
+
 def _loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """grain.DataLoader's worker and read-ahead arguments."""
     if config.num_workers > 0 and not flags.FLAGS.is_parsed():
@@ -299,7 +331,7 @@ def create_train_iterator(
         )
     rows = stream.process_rows(
         source,
-        transforms.TrainPreprocess(**_preprocess_options(spec)),
+        _train_preprocessor(spec),
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
@@ -350,22 +382,18 @@ def create_eval_batches(
     start, stop = eval_shard(len(source), process_index, process_count)
     total_batches = num_eval_batches(len(source), process_count, local_batch_size)
     yielded = 0
+    preprocess = _eval_batches_map(config, local_batch_size)
     if stop > start:
         batch_source = _EvalBatchSource(source, start, stop, local_batch_size)
         loader = grain.DataLoader(
             data_source=batch_source,
             sampler=grain.samplers.SequentialSampler(num_records=len(batch_source)),
-            operations=[eval_preprocessor(config, batch_size=local_batch_size)],
+            operations=[preprocess],
             shard_options=grain.sharding.NoSharding(),
             **_loader_options(config),
         )
         for batch in loader:
             yield batch
             yielded += 1
-    size = spec.image_size
     for _ in range(total_batches - yielded):
-        yield {
-            "image": np.zeros((local_batch_size, size, size, 3), np.float32),
-            "label": np.zeros((local_batch_size,), np.int32),
-            "mask": np.zeros((local_batch_size,), np.float32),
-        }
+        yield preprocess.map([])

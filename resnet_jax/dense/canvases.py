@@ -10,18 +10,26 @@ Splits never share a digit image: test canvases draw from the digits' fixed test
 never seen by a classifier trained on digits), train and validation canvases from disjoint parts of the digits'
 train split (a fixed, stratified tenth of it for validation). A canvas is a pure function of (seed, split,
 index), generated on access: the source is random-access, picklable and small.
+
+The trainer reads them as the dataset "digit_canvases" (`resnet_jax.data.pipeline`) through its own
+pipeline (order, sharding, resume, eval masks), with `CanvasTrainPreprocess` and `CanvasEvalPreprocess` in
+place of the classification transforms: no augmentation, and the label is a map.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 from PIL import Image
 
 from resnet_jax.data.sources import DataError, DigitsSource, Source
+from resnet_jax.data.transforms import normalize
 
+DATASET = "digit_canvases"  # the trainer's config.dataset name for these canvases
 SPLITS = ("train", "validation", "test")
 NUM_CLASSES = 11  # background + the ten digits
 CLASS_NAMES = ("background",) + tuple(str(d) for d in range(10))
@@ -91,7 +99,7 @@ class DigitCanvases(Source):
         split: str,
         num_examples: int,
         *,
-        seed: int = 0,
+        seed: int = 0,  # the trainer's canvases are seed 0: its config.seed shuffles, never redraws
         canvas_size: int = 64,
         digits_per_canvas: tuple[int, int] = (2, 4),
         digit_sizes: tuple[int, int] = (12, 24),
@@ -156,3 +164,52 @@ class DigitCanvases(Source):
         """The digits' train statistics, not the canvases': a backbone pretrained on the digits (the default
         run) expects its inputs normalized as they were in its training."""
         return DigitsSource("train").stats()
+
+
+class CanvasTrainPreprocess(grain.transforms.RandomMap):
+    """A training canvas as the model sees it: `{'image': float32 normalized (S, S, 3), 'label': int32 (S, S)}`.
+
+    No augmentation: a flip or a crop changes what a digit is (or cuts it), and the canvases are already
+    randomly laid out. A RandomMap only because the training stream (`data.stream`) applies one.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        del rng
+        return {
+            "image": normalize(element["image"], self.mean, self.std),
+            "label": np.asarray(element["label"], np.int32),
+        }
+
+
+class CanvasEvalPreprocess(grain.transforms.Map):
+    """One eval batch of canvas records -> `{'image', 'label' int32 (B, S, S), 'mask' (B,)}`.
+
+    As `data.transforms.EvalPreprocess` does for classification: rows past the records are zeros with mask 0,
+    so `map([])` is a whole padding batch and every process yields full batches.
+    """
+
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], batch_size: int, canvas_size: int
+    ):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.canvas_size = batch_size, canvas_size
+
+    def map(self, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        if len(elements) > self.batch_size:
+            raise ValueError(f"{len(elements)} records for an eval batch of {self.batch_size}")
+        side = self.canvas_size
+        batch = {
+            "image": np.zeros((self.batch_size, side, side, 3), np.float32),
+            "label": np.zeros((self.batch_size, side, side), np.int32),
+            "mask": np.zeros((self.batch_size,), np.float32),
+        }
+        for row, element in enumerate(elements):
+            batch["image"][row] = normalize(element["image"], self.mean, self.std)
+            batch["label"][row] = element["label"]
+            batch["mask"][row] = 1.0
+        return batch

@@ -2,14 +2,15 @@
 
 Each device counts its pixels into a `(num_classes, num_classes)` integer matrix (rows: true class, columns:
 predicted class) with padding examples and ignored pixels weighted 0; `lax.psum` adds the devices' matrices and
-the host adds the batches' in int64, so every pixel of the split is counted exactly once. IoU of class c is
+the host adds the batches' in int64 (`resnet_jax.metrics.accumulate`, the classification eval's too), so every
+pixel of the split is counted exactly once. IoU of class c is
 TP / (TP + FP + FN); the mean runs over the classes present, i.e. with a union TP + FP + FN > 0 (a class
 neither in the truth nor predicted anywhere in the split has no IoU and is left out, not counted as 0 or 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -58,18 +59,6 @@ def pixel_accuracy(confusion: np.ndarray) -> float:
     confusion = np.asarray(confusion, np.int64)
     total = confusion.sum()
     return float(np.trace(confusion) / total) if total else float("nan")
-
-
-def accumulate(batch_sums: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-name totals of fetched per-batch sums: integer arrays in int64, floats in float64 (no rounding
-    is lost over a long split)."""
-    totals: dict[str, np.ndarray] = {}
-    for sums in batch_sums:
-        for name, value in sums.items():
-            value = np.asarray(value)
-            wide = np.int64 if np.issubdtype(value.dtype, np.integer) else np.float64
-            totals[name] = totals.get(name, 0) + value.astype(wide)
-    return totals
 
 
 DENSE_EVAL_SUM_NAMES = ("loss_sum", "pixel_count", "count", "confusion")
