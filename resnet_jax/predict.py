@@ -47,8 +47,9 @@ IMAGENET_CROP_FRACTION = transforms.EVAL_CROP_FRACTION
 # PIL refuses an image over twice Image.MAX_IMAGE_PIXELS as a possible decompression bomb (it only warns
 # between one and two times), so this default refuses nothing that PIL itself would decode.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-# What shows through transparent pixels: white, as a viewer shows an image on a page.
-ALPHA_BACKGROUND = (255, 255, 255)
+# What shows through transparent pixels (white): the one conversion training and evaluation also use.
+ALPHA_BACKGROUND = transforms.ALPHA_BACKGROUND
+composite_alpha = transforms.composite_alpha
 
 # (class index, class name, probability), most probable first.
 Prediction = list[tuple[int, str, float]]
@@ -86,18 +87,6 @@ def load_image(
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     return transforms.normalize(pixels, mean[:channels], std[:channels])
-
-
-def composite_alpha(
-    image: Image.Image, background: Sequence[int] = ALPHA_BACKGROUND
-) -> Image.Image:
-    """The image as RGB over an opaque `background` if it has an alpha channel or a transparent palette
-    entry or color key, else unchanged: `convert("RGB")` would show the hidden colors (often black)."""
-    if not image.has_transparency_data:
-        return image
-    rgba = image.convert("RGBA")
-    backdrop = Image.new("RGBA", rgba.size, (*background, 255))
-    return Image.alpha_composite(backdrop, rgba).convert("RGB")
 
 
 def read_image(
@@ -286,9 +275,8 @@ def training_eval_preprocessor(
 
     def load(path: str) -> np.ndarray:
         def decode(image: Image.Image) -> np.ndarray:
-            if image.has_transparency_data:
-                return preprocessor.preprocess(np.asarray(composite_alpha(image)))
-            # The encoded bytes, as the trainer's eval reads them (a JPEG's reduced-size decoding included).
+            # The encoded bytes, as the trainer's eval reads them (a JPEG's reduced-size decoding and
+            # transparency over ALPHA_BACKGROUND included).
             with open(path, "rb") as f:
                 return preprocessor.preprocess(f.read())
 

@@ -1,4 +1,5 @@
-"""TrivialAugment (wide), RandAugment and random erasing: per-example ops on uint8 (H, W, 3) numpy images.
+"""TrivialAugment (wide), RandAugment and random erasing: per-example ops on uint8 (H, W, 3) numpy images;
+also the random-resized crop's box and CIFAR's pad-and-crop, which `transforms` runs before them.
 
 Each is torchvision's transform (`TrivialAugmentWide`, `RandAugment`, `RandomErasing`) with the same op list
 and order, magnitude bins and sampling steps, and the same pixel operations (its PIL path: PIL's affine
@@ -32,6 +33,47 @@ RAND_AUGMENT_NUM_OPS = 2
 RAND_AUGMENT_MAGNITUDE = 9
 ERASING_SCALE = (0.02, 0.33)
 ERASING_RATIO = (0.3, 3.3)
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height): torchvision's RandomResizedCrop.get_params, with a numpy rng."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return left, top, crop_width, crop_height
+    # Fallback: the central crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_width, crop_height = int(round(height * max(ratio))), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+def pad_and_random_crop(image: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pads `padding` pixels on each side, then crops the original size at a random offset."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top = int(rng.integers(0, 2 * padding + 1))
+    left = int(rng.integers(0, 2 * padding + 1))
+    return padded[top : top + height, left : left + width]
 
 
 def _bins(low: float, high: float, num_bins: int) -> np.ndarray:

@@ -4,6 +4,11 @@
   algorithm); eval = resize the shorter side to image_size * 256 / 224, then center crop image_size.
 - "cifar": train = pad 4 (zeros) + random crop image_size + horizontal flip; eval = the image as is.
 - "none": train and eval = the image as is.
+After the crop and flip, a `TrainRecipe` adds torchvision's recipe augmentations (`augment`): TrivialAugmentWide
+or RandAugment on the uint8 crop (bilinear), then normalization, then random erasing of the normalized image to
+0 (torchvision's RandomErasing(value=0): the normalization mean, which `augment.erasing_value(mean)` is in
+uint8 space, up to its rounding). The ImageNet eval resizes to int(image_size / crop_fraction) before its
+center crop (config.eval_crop_fraction, 224/256 by default); eval may run at its own size (FixRes).
 Images whose size differs from image_size are resized (bilinear, antialiased, as torchvision's PIL path) for
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
 least image_size pixels wide (PIL `Image.draft`): decoding dominates input cost on ImageNet-sized photos.
@@ -11,12 +16,15 @@ least image_size pixels wide (PIL `Image.draft`): decoding dominates input cost 
 A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
 next decodable example in its place (`stream.ReplaceUndecodable`); in eval it becomes a zero row with mask 0.
 
-`resize_and_center_crop`, `normalize` and the ImageNet statistics are also what `resnet_jax.predict` uses, so a
-prediction sees exactly the evaluation's pixels.
+`resize_and_center_crop`, `normalize`, `composite_alpha` and the ImageNet statistics are also what
+`resnet_jax.predict` uses, so a prediction sees exactly the evaluation's pixels. Transparent pixels are
+composited over ALPHA_BACKGROUND (white) everywhere, in training, evaluation and prediction alike.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import math
 import struct
@@ -30,6 +38,17 @@ from absl import logging
 from PIL import Image
 
 from resnet_jax.config import AUGMENTS
+from resnet_jax.data.augment import (  # the crops live with the other augmentations
+    AUTO_AUGMENT_POLICIES,
+    RAND_AUGMENT_MAGNITUDE,
+    RAND_AUGMENT_NUM_OPS,
+    RRC_RATIO,  # noqa: F401 (benchmarks read it here)
+    RRC_SCALE,  # noqa: F401
+    auto_augment,
+    pad_and_random_crop,
+    random_erasing,
+    random_resized_crop_box,
+)
 
 # What decoding a bad file raises (PIL: OSError incl. UnidentifiedImageError and truncated data, SyntaxError,
 # DecompressionBombError; zlib/struct errors from damaged PNG chunks). A bug in our own preprocessing (a
@@ -49,14 +68,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The ImageNet eval recipe's crop / resize ratio: a 224 crop of the image resized to 256.
 EVAL_CROP_FRACTION = 224 / 256
 
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# What shows through transparent pixels: white, as a viewer shows an image on a page.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 def decode_image(image: Any) -> Image.Image:
-    """A lazily decoded PIL image from a record's 'image' (ndarray or encoded bytes)."""
+    """A lazily decoded PIL image from a record's 'image' (ndarray, encoded bytes or a PIL image)."""
+    if isinstance(image, Image.Image):
+        return image
     if isinstance(image, np.ndarray):
-        return Image.fromarray(image)
+        # PIL has no mode for (H, W, 1): such a grey image is (H, W) to it.
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     return Image.open(io.BytesIO(bytes(image)))
 
 
@@ -73,46 +95,32 @@ def draft_jpeg(
     return image.size[0] / width, image.size[1] / height
 
 
-def _rgb(image: Image.Image) -> Image.Image:
+def composite_alpha(
+    image: Image.Image, background: Sequence[int] = ALPHA_BACKGROUND
+) -> Image.Image:
+    """The image as RGB over an opaque `background` if it has an alpha channel or a transparent palette
+    entry or color key, else unchanged: `convert("RGB")` would show the hidden colors (often black)."""
+    if not image.has_transparency_data:
+        return image
+    rgba = image.convert("RGBA")
+    backdrop = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(backdrop, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, transparency composited over ALPHA_BACKGROUND: the one conversion of every path."""
+    image = composite_alpha(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = RRC_SCALE,
-    ratio: tuple[float, float] = RRC_RATIO,
-) -> tuple[int, int, int, int]:
-    """(left, top, crop_width, crop_height): torchvision's RandomResizedCrop.get_params, with a numpy rng."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
-        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(rng.integers(0, height - crop_height + 1))
-            left = int(rng.integers(0, width - crop_width + 1))
-            return left, top, crop_width, crop_height
-    # Fallback: the central crop with the aspect ratio clamped into range.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        crop_width, crop_height = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        crop_width, crop_height = int(round(height * max(ratio))), height
-    else:
-        crop_width, crop_height = width, height
-    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
-
-
-def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random-resized crop of a record's image, as uint8 (image_size, image_size, 3)."""
+def random_resized_crop_source(
+    raw: Any, image_size: int, rng: np.random.Generator
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The record's image (a JPEG decoded at the smallest DCT scale that leaves the crop >= image_size
+    pixels wide; still lazy) and the random-resized crop's box in its pixels: what `resize` takes."""
     image = decode_image(raw)
     width, height = image.size
     left, top, crop_width, crop_height = random_resized_crop_box(width, height, rng)
-    # Decode at the smallest size at which the crop still has >= image_size pixels per side.
     scale_x, scale_y = draft_jpeg(
         image, width * image_size / crop_width, height * image_size / crop_height
     )
@@ -122,8 +130,13 @@ def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> 
         (left + crop_width) * scale_x,
         (top + crop_height) * scale_y,
     )
-    image = _rgb(image).resize((image_size, image_size), Image.BILINEAR, box=box)
-    return np.asarray(image)
+    return image, box
+
+
+def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random-resized crop of a record's image, as uint8 (image_size, image_size, 3)."""
+    image, box = random_resized_crop_source(raw, image_size, rng)
+    return np.asarray(to_rgb(image).resize((image_size, image_size), Image.BILINEAR, box=box))
 
 
 def resize_and_center_crop(
@@ -139,13 +152,15 @@ def resize_and_center_crop(
     pass an already decoded image for torchvision's exact result.
     """
     width, height = image.size
-    resize_size = int(image_size / crop_fraction)
+    # int() as torchvision, with a tolerance: a fraction written 224 / 232 means 232, not 231.99999.
+    resize_size = int(image_size / crop_fraction + 1e-6)
     # torchvision Resize(int): the shorter side becomes resize_size, the longer keeps the aspect ratio.
     if width <= height:
         new_width, new_height = resize_size, int(resize_size * height / width)
     else:
         new_width, new_height = int(resize_size * width / height), resize_size
     draft_jpeg(image, new_width, new_height)
+    image = composite_alpha(image)
     if image.mode != mode:
         image = image.convert(mode)
     image = image.resize((new_width, new_height), Image.BILINEAR)
@@ -155,29 +170,25 @@ def resize_and_center_crop(
     return np.asarray(image)[top : top + image_size, left : left + image_size]
 
 
-def eval_crop_imagenet(raw: Any, image_size: int) -> np.ndarray:
+def eval_crop_imagenet(
+    raw: Any, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION
+) -> np.ndarray:
     """The ImageNet eval crop of a record's image, as uint8 (image_size, image_size, 3)."""
-    return resize_and_center_crop(decode_image(raw), image_size)
+    return resize_and_center_crop(decode_image(raw), image_size, crop_fraction)
 
 
 def whole_image(raw: Any, image_size: int) -> np.ndarray:
     """The image resized to image_size x image_size if it is not that size already."""
     if isinstance(raw, np.ndarray) and raw.shape[:2] == (image_size, image_size):
-        return raw if raw.shape[-1] == 3 else np.repeat(raw[..., :1], 3, axis=-1)
+        if raw.ndim == 3 and raw.shape[-1] == 3:
+            return raw
+        if raw.ndim == 2 or raw.shape[-1] == 1:  # grey: an alpha channel goes through `to_rgb`
+            return np.repeat(raw.reshape(image_size, image_size, 1), 3, axis=-1)
     image = decode_image(raw)
     if image.size != (image_size, image_size):
         draft_jpeg(image, image_size, image_size)
-        image = _rgb(image).resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(_rgb(image))
-
-
-def pad_and_random_crop(image: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
-    """Zero-pads `padding` pixels on each side, then crops the original size at a random offset."""
-    height, width = image.shape[:2]
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    top = int(rng.integers(0, 2 * padding + 1))
-    left = int(rng.integers(0, 2 * padding + 1))
-    return padded[top : top + height, left : left + width]
+        image = to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(to_rgb(image))
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -188,6 +199,45 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     out *= scale
     out += offset
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecipe:
+    """The augmentations after the crop and flip (torchvision's reference recipe); the defaults are off.
+
+    `auto_augment` is one of AUTO_AUGMENT_POLICIES, run on the uint8 crop with bilinear interpolation (as
+    torchvision's ClassificationPresetTrain); random erasing comes last, on the normalized image.
+    """
+
+    auto_augment: str = "none"
+    rand_augment_num_ops: int = RAND_AUGMENT_NUM_OPS
+    rand_augment_magnitude: int = RAND_AUGMENT_MAGNITUDE
+    random_erasing_prob: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainRecipe:
+        """The recipe keys of a config built on `resnet_jax.config.base_config()`."""
+        return cls(
+            auto_augment=config.auto_augment,
+            rand_augment_num_ops=config.rand_augment_num_ops,
+            rand_augment_magnitude=config.rand_augment_magnitude,
+            random_erasing_prob=config.random_erasing_prob,
+        )
+
+    def __post_init__(self):
+        if self.auto_augment not in AUTO_AUGMENT_POLICIES:
+            raise ValueError(
+                f"auto_augment must be one of {AUTO_AUGMENT_POLICIES}, got {self.auto_augment!r}"
+            )
+
+
+def eval_options(config: Any) -> dict[str, Any]:
+    """The eval transform's size and crop fraction from a config: eval_image_size (0: image_size) and
+    eval_crop_fraction (FixRes: a model trained at one size is often best evaluated at a larger one)."""
+    return dict(
+        image_size=config.eval_image_size or config.image_size,
+        crop_fraction=config.eval_crop_fraction,
+    )
 
 
 class _Preprocess:
@@ -209,28 +259,88 @@ class _Preprocess:
         self.std = np.asarray(std, np.float32)
         self.crop_padding = crop_padding
 
-    def _normalize(self, image: np.ndarray) -> np.ndarray:
-        if image.shape != (self.image_size, self.image_size, 3):
-            raise ValueError(f"preprocessed image has shape {image.shape}")
+    def _normalize(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
+        size = size or self.image_size
+        if image.shape != (size, size, 3):
+            raise ValueError(
+                f"preprocessed image has shape {image.shape}, expected {(size, size, 3)}"
+            )
         return normalize(image, self.mean, self.std)
 
 
 class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
-    """Decode + training augmentation + normalization; None for an undecodable record."""
+    """Decode + training augmentation + normalization; None for an undecodable record.
+
+    In two halves: `decode` (the record's image and, for "imagenet", the random-resized crop's box) and
+    `finish` (resize to a size, crop/flip, the recipe's augmentations, normalization). With
+    `resize_later` (progressive resizing, where the size depends on the step the example lands in),
+    `random_map` only decodes (in full, so that a bad file is still caught here and replaced by the
+    stream) and hands the decoded image with a copy of its generator to `finish`, which
+    `progressive.AtTrainResolution` calls with the size of the example's step. Either way every random
+    draw comes from the example's own generator, in the same order.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        recipe: TrainRecipe = TrainRecipe(),
+        resize_later: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.resize_later = resize_later
+
+    def decode(self, raw: Any, rng: np.random.Generator) -> tuple[Any, Any]:
+        """(image, crop box or None): the size-independent first half (a random draw for "imagenet")."""
+        if self.augment == "imagenet":
+            image, box = random_resized_crop_source(raw, self.image_size, rng)
+        else:
+            image, box = raw, None
+            if self.resize_later and not isinstance(raw, np.ndarray):
+                image = decode_image(raw)
+                draft_jpeg(image, self.image_size, self.image_size)
+        if self.resize_later and not isinstance(image, np.ndarray):
+            image = to_rgb(image)
+            image.load()
+        return image, box
+
+    def finish(self, decoded: tuple[Any, Any], size: int, rng: np.random.Generator) -> np.ndarray:
+        """float32 (size, size, 3): the decoded image resized, cropped, flipped, augmented, normalized."""
+        image, box = decoded
+        if self.augment == "imagenet":
+            pixels = np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR, box=box))
+        else:
+            pixels = whole_image(image, size)
+            if self.augment == "cifar":
+                pixels = pad_and_random_crop(pixels, self.crop_padding, rng)
+        if self.augment != "none" and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        recipe = self.recipe
+        pixels = auto_augment(
+            pixels,
+            rng,
+            recipe.auto_augment,
+            num_ops=recipe.rand_augment_num_ops,
+            magnitude=recipe.rand_augment_magnitude,
+            interpolation="bilinear",
+        )
+        normalized = self._normalize(pixels, size)
+        if recipe.random_erasing_prob > 0:
+            # torchvision's RandomErasing(value=0) after Normalize: the mean colour, exactly.
+            normalized = random_erasing(normalized, rng, recipe.random_erasing_prob, value=0.0)
+        return normalized
 
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
-    ) -> dict[str, np.ndarray] | None:
+    ) -> dict[str, Any] | None:
         try:
-            if self.augment == "imagenet":
-                image = train_crop_imagenet(element["image"], self.image_size, rng)
-            else:
-                image = whole_image(element["image"], self.image_size)
-                if self.augment == "cifar":
-                    image = pad_and_random_crop(image, self.crop_padding, rng)
-            if self.augment != "none" and rng.random() < 0.5:
-                image = image[:, ::-1]
-            return {"image": self._normalize(image), "label": np.int32(element["label"])}
+            decoded = self.decode(element["image"], rng)
+            label = np.int32(element["label"])
+            if self.resize_later:
+                # Grain reuses `rng` for the next record once this returns: the second half gets a copy.
+                return {"decoded": decoded, "rng": copy.deepcopy(rng), "label": label}
+            return {"image": self.finish(decoded, self.image_size, rng), "label": label}
         except UNDECODABLE_IMAGE_ERRORS as e:
             logging.warning("Skipping undecodable image %s: %s", element.get("path"), e)
             return None
@@ -242,11 +352,19 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
     The record is the list of examples of one batch (see `pipeline.create_eval_batches`): batching before the
     worker processes keeps batches identical and in order for any number of workers. Rows past the end and
     undecodable images (logged by path) are zeros with mask 0.0, so the batch count never depends on the data.
+    `image_size` is the eval size; "imagenet" resizes to int(image_size / crop_fraction) and center-crops it.
     """
 
-    def __init__(self, *args: Any, batch_size: int, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        batch_size: int,
+        crop_fraction: float = EVAL_CROP_FRACTION,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.batch_size = batch_size
+        self.crop_fraction = crop_fraction
 
     def preprocess(self, raw: Any) -> np.ndarray:
         """One image (ndarray or encoded bytes) as the model sees it in eval: float32 (H, W, 3).
@@ -254,7 +372,7 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
         Raises one of UNDECODABLE_IMAGE_ERRORS for a file that is not a readable image.
         """
         if self.augment == "imagenet":
-            image = eval_crop_imagenet(raw, self.image_size)
+            image = eval_crop_imagenet(raw, self.image_size, self.crop_fraction)
         else:
             image = whole_image(raw, self.image_size)
         return self._normalize(image)
