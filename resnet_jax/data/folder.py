@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from resnet_jax.data import folder_index_cache
 from resnet_jax.data.sources import DataError, Source, hash_fraction
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder accepts.
@@ -156,13 +157,24 @@ def _is_readable_image(path: str) -> bool:
 
 
 def _unreadable_files(root: str, paths: list[str], max_bad_image_fraction: float) -> set[str]:
-    """The files PIL cannot identify (headers read in threads), logged; a DataError if too many."""
-    with futures.ThreadPoolExecutor(max_workers=16) as pool:
-        bad_files = [
-            path
-            for path, readable in zip(paths, pool.map(_is_readable_image, paths), strict=True)
-            if not readable
-        ]
+    """The files PIL cannot identify, logged; a DataError if too many.
+
+    Headers are read in threads, and only for files whose verdict is not in the folder's index cache
+    (`folder_index_cache`: a file's verdict is reused while its size and modification time are unchanged).
+    """
+
+    def check(to_check: Sequence[str]) -> list[bool]:
+        with futures.ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(_is_readable_image, to_check))
+
+    readable, num_checked = folder_index_cache.check_files(root, paths, check)
+    logging.info(
+        "Image folder %s: %d file headers read, %d verdicts from the index cache.",
+        root,
+        num_checked,
+        len(paths) - num_checked,
+    )
+    bad_files = [path for path, ok in zip(paths, readable, strict=True) if not ok]
     if bad_files:
         logging.warning(
             "Skipping %d of %d images under %s that cannot be read: %s",
@@ -229,7 +241,8 @@ def index_folder(
       the end of training. The classes are those of the train folder.
     A hashed share is stable: adding or removing files never moves another file between train and eval.
 
-    Every file's header is read once here; files PIL cannot identify are skipped, counted and logged. If more
+    Every file's header is read once here, or its verdict taken from the folder's index cache while the file
+    is unchanged (see `folder_index_cache`); files PIL cannot identify are skipped, counted and logged. If more
     than `max_bad_image_fraction` of the files are bad, this raises a DataError naming them. So does a folder
     with fewer than two classes, or a class with no train or no eval images.
     """
