@@ -1,37 +1,54 @@
-"""Input-pipeline throughput on an ImageNet-like folder of JPEGs: images/s, and per CPU core.
+"""Input-pipeline throughput on a folder of JPEGs, ours side by side with torchvision (and tf.data if installed).
 
-    python benchmarks/input_pipeline.py [--num_images 400] [--batch_size 32] [--output input_pipeline.json]
+    python benchmarks/input_pipeline.py [--num_images 400] [--batch_size 32] [--workers 0,1,2]
 
 Generates `num_images` photo-like JPEGs of about 500x375 (ImageNet's typical size; smooth random fields with
-grain, quality 90) in 4 classes in a temporary folder, then times the training pipeline (decode with JPEG draft,
-RandomResizedCrop to 224 + flip, normalize to float32, batch) in this process and with 1 and 2 Grain worker
-processes; then, on 60 camera-sized 1600x1200 JPEGs, in process with and without reduced-size JPEG decoding.
-Each images/s figure is the median of `--repeats` timed runs of `--batches` batches after warm-up batches (worker
-start-up excluded); "per decoding process" divides it by the processes decoding (1 in process, else the worker
-count). Wall-clock rates depend on how many cores are free, so the script also reports images per CPU-second
-(CPU time of the main process and its workers together, via psutil if installed): the per-core figure that does
-not change with machine load. Runs in about 2-3 minutes on 2 busy cores.
+grain, quality 90) in 4 classes in a temporary folder, then times on the same files, in this process:
+- ours: `create_train_iterator` (RandomResizedCrop 224 + flip, batches as the trainer gets them), in process
+  and with each of `--workers` Grain worker processes;
+- torchvision: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor,
+  Normalize (ImageNet statistics), the same batch size and worker counts (0 = in process); torch runs with one
+  intra-op thread, as its DataLoader workers do;
+- tf.data (only where TensorFlow is installed; it is not a dependency): `decode_and_crop_jpeg` with
+  `sample_distorted_bounding_box` (the Flax/TPU reference recipe), flip, normalize, batch, AUTOTUNE parallelism.
+Then the same, in process, on `--num_large_images` camera-sized 1600x1200 JPEGs.
+
+Each pipeline is timed for `--repeats` runs of `--batches` batches after `--warmup` batches (worker start-up
+excluded, and the warm-up longer than what the pipeline reads ahead), one pipeline at a time (see
+`time_pipeline` for why not alternating). Two figures per run:
+- images per CPU-second: images divided by the CPU time (user + system) of this process and all its children
+  (workers) over the timed batches. It hardly changes with machine load, so it is the figure to compare and to
+  scale from (k free cores deliver about k times it);
+- wall images/s (median of the repeats): depends on the free cores; on a shared machine, read it as measured
+  under the load printed with it.
+Needs psutil (for the workers' CPU time) and torch/torchvision (the `test` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
+import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
 
 from resnet_jax.config import base_config  # noqa: E402
 from resnet_jax.data import create_train_iterator, transforms  # noqa: E402
+
+IMAGE_SIZE = 224
 
 
 def make_photo_folder(
@@ -58,12 +75,10 @@ def make_photo_folder(
     return total_bytes
 
 
-def _cpu_seconds() -> float | None:
-    """User + system CPU time of this process and all its children (Grain workers), or None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and all its children (the pipeline's workers)."""
+    import psutil
+
     total = 0.0
     process = psutil.Process()
     for p in [process, *process.children(recursive=True)]:
@@ -75,85 +90,216 @@ def _cpu_seconds() -> float | None:
     return total
 
 
-def measure(
-    config, batch_size: int, warmup: int, batches: int, repeats: int
-) -> tuple[float, float | None]:
-    """(median images/s over `repeats` runs of `batches` batches after `warmup` batches, images per CPU-second).
+def folder_config(root: str, num_workers: int) -> Any:
+    """The trainer's config for the ImageNet recipe on the image folder `root`."""
+    config = base_config()
+    config.update(
+        dataset=f"folder:{root}",
+        image_size=IMAGE_SIZE,
+        augment="imagenet",
+        normalization="imagenet",
+        num_workers=num_workers,
+        # Every class of a small benchmark folder keeps some eval images.
+        folder_val_fraction=0.25,
+    )
+    return config
 
-    Images per CPU-second (all processes of the pipeline together) does not depend on how busy the machine is,
-    so it is the figure to scale from: a pipeline on k free cores delivers about k times it.
-    """
-    iterator = create_train_iterator(
+
+def ours(root: str, num_workers: int, batch_size: int) -> Iterator[Any]:
+    """Our training batches, as the trainer reads them."""
+    config = folder_config(root, num_workers)
+    return create_train_iterator(
         config, process_index=0, process_count=1, global_batch_size=batch_size, seed=0
     )
-    for _ in range(warmup):
-        next(iterator)
-    rates = []
-    cpu_start = _cpu_seconds()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(batches):
-            batch = next(iterator)
-        rates.append(batches * batch_size / (time.perf_counter() - start))
-    cpu_end = _cpu_seconds()
-    assert batch["image"].shape == (batch_size, 224, 224, 3)
-    per_cpu_second = None
-    if cpu_start is not None:
-        per_cpu_second = repeats * batches * batch_size / (cpu_end - cpu_start)
-    return statistics.median(rates), per_cpu_second
+
+
+def torchvision_batches(root: str, num_workers: int, batch_size: int) -> Iterator[Any]:
+    """torchvision's ImageNet training input: ImageFolder + DataLoader, endless over epochs."""
+    import torch
+    from torchvision import datasets
+    from torchvision import transforms as tv
+
+    transform = tv.Compose(
+        [
+            tv.RandomResizedCrop(IMAGE_SIZE),
+            tv.RandomHorizontalFlip(),
+            tv.ToTensor(),
+            tv.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
+        ]
+    )
+    loader = torch.utils.data.DataLoader(
+        datasets.ImageFolder(root, transform=transform),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    while True:
+        yield from loader
+
+
+def tf_data_batches(root: str, num_workers: int, batch_size: int) -> Iterator[Any]:
+    """tf.data's decode_and_crop_jpeg pipeline (the Flax ImageNet example's); AUTOTUNE picks its threads."""
+    import tensorflow as tf
+
+    files = tf.io.gfile.glob(os.path.join(root, "*", "*.jpg"))
+    classes = sorted({os.path.basename(os.path.dirname(f)) for f in files})
+    labels = [classes.index(os.path.basename(os.path.dirname(f))) for f in files]
+
+    def decode(path: Any, label: Any) -> tuple[Any, Any]:
+        data = tf.io.read_file(path)
+        shape = tf.image.extract_jpeg_shape(data)
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            shape,
+            tf.zeros([0, 0, 4], tf.float32),
+            area_range=transforms.RRC_SCALE,
+            aspect_ratio_range=transforms.RRC_RATIO,
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE], "bilinear")
+        image = tf.image.random_flip_left_right(image)
+        image = (image / 255.0 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
+        return image, label
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((files, labels))
+        .shuffle(len(files))
+        .repeat()
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return iter(dataset)
+
+
+PIPELINES: dict[str, Callable[[str, int, int], Iterator[Any]]] = {
+    "ours": ours,
+    "torchvision": torchvision_batches,
+    "tf.data": tf_data_batches,
+}
+
+
+def read_ahead_batches(name: str, num_workers: int, batch_size: int) -> int:
+    """Batches a pipeline can have prepared in the background before they are asked for."""
+    if name == "torchvision":
+        return 2 * num_workers  # DataLoader's prefetch_factor
+    if name == "ours":
+        config = base_config()
+        per_process = math.ceil(config.prefetch_buffer_size / batch_size)
+        return per_process * max(num_workers, 1) + config.worker_buffer_size * num_workers
+    return 64  # tf.data's AUTOTUNE buffers: a guess, generous
+
+
+def time_pipeline(
+    make: Callable[[], Iterator[Any]], warmup: int, batches: int, repeats: int, batch_size: int
+) -> tuple[float, float]:
+    """(median wall images/s over `repeats` runs of `batches` batches, images per CPU-second over all of them).
+
+    Pipelines are timed one at a time, each closed before the next starts: the CPU time is that of the whole
+    process tree, so another pipeline filling its buffers in the background would be charged to this one.
+    `warmup` batches must exceed what the pipeline reads ahead, so that the timed batches are all made (and
+    paid for) inside the timed runs rather than taken from a buffer filled before them.
+    """
+    iterator = make()
+    try:
+        for _ in range(warmup):
+            next(iterator)
+        rates, cpu = [], 0.0
+        for _ in range(repeats):
+            cpu_start, start = cpu_seconds(), time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            rates.append(batches * batch_size / (time.perf_counter() - start))
+            cpu += cpu_seconds() - cpu_start
+    finally:
+        close(iterator)
+    return statistics.median(rates), repeats * batches * batch_size / cpu
+
+
+def close(iterator: Iterator[Any]) -> None:
+    """Stops an iterator's worker processes now rather than at garbage collection."""
+    if hasattr(iterator, "close"):
+        iterator.close()
+
+
+def run_case(
+    label: str,
+    root: str,
+    num_workers: int,
+    names: list[str],
+    args: argparse.Namespace,
+    batches: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Times the named pipelines on one folder with one worker count; prints and returns one row each."""
+    timed = {}
+    for name in names:
+        timed[name] = time_pipeline(
+            functools.partial(PIPELINES[name], root, num_workers, args.batch_size),
+            args.warmup + read_ahead_batches(name, num_workers, args.batch_size),
+            batches,
+            repeats,
+            args.batch_size,
+        )
+    rows = []
+    workers = f"{num_workers} worker(s)" if num_workers else "in process"
+    for name, (rate, per_cpu_second) in timed.items():
+        ratio = per_cpu_second / timed["torchvision"][1] if "torchvision" in timed else None
+        ratio_text = (
+            "" if ratio is None or name == "torchvision" else f" ({ratio:.2f}x torchvision's)"
+        )
+        print(
+            f"{label}, {workers:>12}, {name:>11}: {per_cpu_second:6.1f} images per CPU-second{ratio_text}, "
+            f"{rate:6.1f} wall images/s (load {os.getloadavg()[0]:.1f})"
+        )
+        rows.append(
+            dict(
+                images=label,
+                pipeline=name,
+                num_workers=num_workers,
+                images_per_cpu_second=round(per_cpu_second, 1),
+                wall_images_per_s=round(rate, 1),
+                ratio_to_torchvision_per_cpu_second=None if ratio is None else round(ratio, 3),
+                load_average_1m=round(os.getloadavg()[0], 2),
+            )
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=400)
-    parser.add_argument("--num_large_images", type=int, default=60)
+    parser.add_argument("--num_large_images", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", default="0,1,2", help="worker counts to time (0 = in process)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="input_pipeline.json")
+    parser.add_argument("--skip_large", action="store_true", help="skip the 1600x1200 JPEGs")
+    parser.add_argument("--results_dir", default=common.DEFAULT_RESULTS_DIR)
+    parser.add_argument("--name", default="input_pipeline", help="the JSON file's name")
     args = parser.parse_args()
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
+    import torch
 
-    runs = []
+    torch.set_num_threads(
+        1
+    )  # what DataLoader workers use; no intra-op threads competing in process
+    names = ["ours", "torchvision"]
+    try:
+        import tensorflow  # noqa: F401
 
-    def run(
-        name: str, root: str, num_workers: int, draft: bool, batches: int, repeats: int
-    ) -> None:
-        config = base_config()
-        config.update(
-            dataset=f"folder:{root}",
-            image_size=224,
-            augment="imagenet",
-            normalization="imagenet",
-            num_workers=num_workers,
-        )
-        original_draft = transforms.draft_jpeg
-        if not draft:  # only affects this process: used for in-process runs
-            transforms.draft_jpeg = lambda image, width, height: (1.0, 1.0)
-        try:
-            rate, per_cpu_second = measure(config, args.batch_size, args.warmup, batches, repeats)
-        finally:
-            transforms.draft_jpeg = original_draft
-        decoding_processes = max(num_workers, 1)
-        runs.append(
-            dict(
-                name=name,
-                num_workers=num_workers,
-                jpeg_draft=draft,
-                images_per_s=round(rate, 1),
-                images_per_s_per_decoding_process=round(rate / decoding_processes, 1),
-                images_per_cpu_second=None if per_cpu_second is None else round(per_cpu_second, 1),
-            )
-        )
-        cpu_text = (
-            "" if per_cpu_second is None else f", {per_cpu_second:6.1f} images per CPU-second"
-        )
+        names.append("tf.data")
+    except ImportError:
         print(
-            f"{name:>40}: {rate:6.1f} images/s, {rate / decoding_processes:6.1f} images/s per decoding "
-            f"process{cpu_text}"
+            "tf.data: skipped (TensorFlow is not installed; `pip install tensorflow-cpu` to compare)"
         )
-
+    load_at_start = os.getloadavg()[0]
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         total_bytes = make_photo_folder(root, args.num_images)
@@ -161,29 +307,26 @@ def main() -> None:
             f"generated {args.num_images} JPEGs of 500x375 (mean {total_bytes / args.num_images / 1024:.0f} "
             f"KiB) in {time.perf_counter() - start:.1f} s"
         )
-        for num_workers in (0, 1, 2):
-            name = f"500x375, {num_workers} worker(s)" if num_workers else "500x375, in process"
-            run(name, root, num_workers, True, args.batches, args.repeats)
-    # At ImageNet's size a 224 crop rarely allows a 1/2 DCT scale; camera-sized photos show what draft saves.
-    with tempfile.TemporaryDirectory() as root:
-        make_photo_folder(root, args.num_large_images, size=(1600, 1200))
-        for draft in (True, False):
-            name = "1600x1200, in process, " + ("JPEG draft" if draft else "full-size decode")
-            run(name, root, 0, draft, max(args.batches // 3, 1), 2)
+        for num_workers in (int(w) for w in args.workers.split(",")):
+            rows += run_case("500x375", root, num_workers, names, args, args.batches, args.repeats)
+    if not args.skip_large:
+        # Camera-sized photos: where decoding at a reduced DCT scale pays.
+        with tempfile.TemporaryDirectory() as root:
+            make_photo_folder(root, args.num_large_images, size=(1600, 1200))
+            rows += run_case(
+                "1600x1200", root, 0, names, args, max(args.batches // 2, 1), args.repeats
+            )
     result = dict(
         benchmark="input_pipeline",
-        task="folder of JPEGs ~500x375 -> RandomResizedCrop 224 + flip + normalize, float32 batches",
+        task="folder of JPEGs -> RandomResizedCrop 224 + flip + batches (ours as the trainer gets them; "
+        "torchvision: ToTensor + Normalize)",
         num_images=args.num_images,
         batch_size=args.batch_size,
-        cpu_count=os.cpu_count(),
-        load_average_1min_at_end=round(os.getloadavg()[0], 2),
-        processor=platform.processor() or platform.machine(),
-        python=platform.python_version(),
-        runs=runs,
+        load_average_1m_at_start=round(load_at_start, 2),
+        machine=common.machine_description(),
+        runs=rows,
     )
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.output}")
+    print(f"wrote {common.write_result(args.results_dir, args.name, result)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""Where the CPU time of one training image goes in our input pipeline, stage by stage.
+
+    python benchmarks/input_profile.py [--num_images 200] [--size 500x375] [--repeats 3]
+
+Generates photo-like JPEGs (as `input_pipeline.py` does), then times each stage of the training transform
+alone, in one thread, with `time.process_time()` (CPU time, so other jobs on a shared machine matter less):
+file read, header parse, crop box, JPEG draft + decode, crop + resize, flip, float conversion + normalization,
+batch copy (float32 and uint8). Then the whole pipeline in this process (Grain with 1 and 16 read threads) and a
+plain loop over the same transform: their difference is Grain's per-record overhead and thread cost. Prints
+milliseconds per image (median of `--repeats`) and images per CPU-second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from input_pipeline import cpu_seconds, folder_config, make_photo_folder  # noqa: E402
+
+from resnet_jax.data import create_train_iterator, folder, transforms  # noqa: E402
+
+IMAGE_SIZE = 224
+BATCH_SIZE = 32
+
+
+def per_image_ms(stage: Callable[[int], object], count: int, repeats: int) -> float:
+    """Median over `repeats` of the CPU milliseconds per call of stage(i) for i in range(count)."""
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        for i in range(count):
+            stage(i)
+        times.append((time.process_time() - start) * 1000 / count)
+    return statistics.median(times)
+
+
+def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
+    """CPU ms per image of each stage of `transforms.train_crop_imagenet` + flip + normalize + batch copy."""
+    count = len(paths)
+    data = [open(p, "rb").read() for p in paths]
+    rng = np.random.default_rng(0)
+    boxes = []
+    for raw in data:
+        with Image.open(io.BytesIO(raw)) as image:
+            boxes.append(transforms.random_resized_crop_box(*image.size, rng))
+
+    def opened(i: int) -> Image.Image:
+        return Image.open(io.BytesIO(data[i]))
+
+    def drafted(i: int) -> tuple[Image.Image, tuple[float, ...]]:
+        image = opened(i)
+        width, height = image.size
+        left, top, crop_width, crop_height = boxes[i]
+        scale_x, scale_y = transforms.draft_jpeg(
+            image, width * IMAGE_SIZE / crop_width, height * IMAGE_SIZE / crop_height
+        )
+        box = (
+            left * scale_x,
+            top * scale_y,
+            (left + crop_width) * scale_x,
+            (top + crop_height) * scale_y,
+        )
+        return image, box
+
+    def decoded(i: int) -> tuple[Image.Image, tuple[float, ...]]:
+        image, box = drafted(i)
+        image.load()
+        return image, box
+
+    decoded_images = [decoded(i) for i in range(count)]
+    crops = [
+        transforms.train_crop_imagenet(raw, IMAGE_SIZE, np.random.default_rng(i))
+        for i, raw in enumerate(data)
+    ]
+    flipped = [crop[:, ::-1] for crop in crops]
+    normalized = [
+        transforms.normalize(f, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) for f in flipped
+    ]
+
+    def read(i: int) -> bytes:
+        with open(paths[i], "rb") as f:
+            return f.read()
+
+    cumulative = {
+        "file read (open + read)": read,
+        "header parse (Image.open from bytes)": lambda i: opened(i).size,
+        "crop box (random_resized_crop_box)": lambda i: transforms.random_resized_crop_box(
+            500, 375, rng
+        ),
+        "JPEG draft + decode (load)": decoded,
+        "crop + resize to 224 (PIL, box)": lambda i: decoded_images[i][0].resize(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=decoded_images[i][1]
+        ),
+        "to numpy (np.asarray of the crop)": lambda i: np.asarray(
+            decoded_images[i][0].resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=(0, 0, 8, 8))
+        ),
+        "flip + contiguous copy (uint8)": lambda i: np.ascontiguousarray(crops[i][:, ::-1]),
+        "float32 conversion + normalize": lambda i: transforms.normalize(
+            flipped[i], transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+        ),
+        "batch copy, float32 (np.stack / 32)": lambda i: (
+            np.stack(normalized[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
+        ),
+        "batch copy, uint8 (np.stack / 32)": lambda i: (
+            np.stack(crops[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
+        ),
+    }
+    # Decoding includes parsing the header and drafting, so subtract what it contains.
+    results = {name: per_image_ms(stage, count, repeats) for name, stage in cumulative.items()}
+    results["JPEG draft + decode (load)"] -= results["header parse (Image.open from bytes)"]
+    # Resizing a tiny 8x8 box measures the fixed cost of `resize` + asarray, not the resize itself.
+    results["whole transform (TrainPreprocess.random_map, no file read)"] = per_image_ms(
+        lambda i: preprocess.random_map({"image": data[i], "label": 0}, np.random.default_rng(i)),
+        count,
+        repeats,
+    )
+    return results
+
+
+preprocess = transforms.TrainPreprocess(
+    augment="imagenet",
+    image_size=IMAGE_SIZE,
+    mean=transforms.IMAGENET_MEAN,
+    std=transforms.IMAGENET_STD,
+)
+
+
+def pipeline_rate(root: str, num_read_threads: int, batches: int) -> float:
+    """Images per CPU-second of `create_train_iterator` in this process (after 2 warm-up batches)."""
+    config = folder_config(root, num_workers=0)
+    config.num_read_threads = num_read_threads
+    iterator = create_train_iterator(
+        config, process_index=0, process_count=1, global_batch_size=BATCH_SIZE, seed=0
+    )
+    for _ in range(2):
+        next(iterator)
+    start = cpu_seconds()
+    for _ in range(batches):
+        next(iterator)
+    return batches * BATCH_SIZE / (cpu_seconds() - start)
+
+
+def plain_loop_rate(paths: list[str], count: int) -> float:
+    """Images per CPU-second of read + TrainPreprocess + np.stack in a plain loop (no Grain)."""
+    start = cpu_seconds()
+    for first in range(0, count, BATCH_SIZE):
+        rows = []
+        for i in range(first, first + BATCH_SIZE):
+            with open(paths[i % len(paths)], "rb") as f:
+                rows.append(
+                    preprocess.random_map({"image": f.read(), "label": 0}, np.random.default_rng(i))
+                )
+        np.stack([row["image"] for row in rows])
+    return count / (cpu_seconds() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_images", type=int, default=200)
+    parser.add_argument("--size", default="500x375")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=6)
+    args = parser.parse_args()
+    size = tuple(int(side) for side in args.size.split("x"))
+    print(f"load average at start: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as root:
+        make_photo_folder(root, args.num_images, size=size)
+        index = folder.index_folder(root, val_fraction=0.25)
+        paths = [path for path, _ in index.train]
+        breakdown = stage_breakdown(paths, args.repeats)
+        print(f"CPU ms per image, {args.size} JPEGs, one thread, median of {args.repeats}:")
+        for name, ms in breakdown.items():
+            print(f"  {name:>60}: {ms:6.3f} ms")
+        print("images per CPU-second, in this process:")
+        print(
+            f"  {'plain loop (read + transform + stack)':>60}: {plain_loop_rate(paths, 6 * BATCH_SIZE):6.1f}"
+        )
+        for threads in (1, 16):
+            rate = pipeline_rate(root, threads, args.batches)
+            print(f"  {f'Grain pipeline, {threads} read thread(s)':>60}: {rate:6.1f}")
+    print(f"load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
