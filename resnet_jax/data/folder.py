@@ -118,7 +118,7 @@ def _hold_out(
     """
     train, held_out = [], []
     for path, label in files:
-        key = os.path.relpath(path, directory).replace(os.sep, "/")
+        key = folder_index_cache.relative_name(path, directory)
         (held_out if hash_fraction(key) < fraction else train).append((path, label))
     return train, held_out
 
