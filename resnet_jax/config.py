@@ -68,9 +68,7 @@ def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     config.auto_augment = "none"
     config.rand_augment_num_ops = 2  # RandAugment: ops per image ...
     config.rand_augment_magnitude = 9  # ... and their magnitude bin, 0..30 (torchvision's 31 bins)
-    config.random_erasing_prob = (
-        0.0  # after normalization: erase a random box with this probability
-    )
+    config.random_erasing_prob = 0.0  # chance of erasing a random box, after normalization
     # Eval resolution (FixRes): 0 = image_size. "imagenet" eval resizes to eval_image_size /
     # eval_crop_fraction, then center-crops eval_image_size (torchvision's 232 -> 224 is 224, 224/232).
     config.eval_image_size = 0
@@ -356,6 +354,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError("set config.num_epochs > 0 or config.num_train_steps > 0")
+    if (size := config.progressive_resize_min_size) > config.image_size:
+        raise ConfigError(f"config.progressive_resize_min_size={size} > image_size; lower it")
     if config.finetune_mode != "full" and not config.init_from:
         raise ConfigError(
             f"config.finetune_mode={config.finetune_mode!r} needs config.init_from (a checkpoint to "

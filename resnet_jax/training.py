@@ -102,7 +102,7 @@ def log_run_summary(
     log_model_summary(config.model, info.image_size, info.num_classes, log=_log.info)
     _log.info(optim.describe_learning_rate(config))
     _log.info(
-        "%s on %s: %d train, %d eval (%s) and %d test examples, %d classes, %dx%d; %d steps of global "
+        "%s on %s: %d train, %d eval (%s) and %d test examples, %d classes, %s; %d steps of global "
         "batch %d (%d per device on %d devices, %d process(es)), %s, %s BN",
         config.model,
         config.dataset,
@@ -111,8 +111,7 @@ def log_run_summary(
         info.eval_split,
         info.num_test_examples,
         info.num_classes,
-        info.image_size,
-        info.image_size,
+        data.progressive.describe_sizes(config, plan.steps_per_epoch, plan.num_steps),
         plan.num_steps,
         config.batch_size,
         config.batch_size // data_parallel.num_devices,

@@ -77,7 +77,7 @@ BAD_VALUES = {
     "random_erasing_prob": ["0.25", -0.1, 1.5],
     "eval_image_size": [-1, 224.0, "224"],
     "eval_crop_fraction": [0.0, 1.2, "0.875"],
-    "progressive_resize_min_size": [-1, 160.0],
+    "progressive_resize_min_size": [-1, 160.0, 64],  # 64: over the default image_size 32
     "progressive_resize_epochs": [(1.0,), (5.0, 2.0), (-1.0, 2.0), "0,10"],
     "progressive_resize_multiple": [0, 32.0],
     "task": ["detection", None],

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from resnet_jax.data import folder, sources, stream, transforms
+from resnet_jax.data import folder, progressive, sources, stream, transforms
 from resnet_jax.data.sources import DataError
 
 DIGITS = "digits"
@@ -228,14 +228,11 @@ def _preprocess_options(spec: DatasetSpec) -> dict[str, Any]:
 def eval_preprocessor(
     config: ml_collections.ConfigDict, batch_size: int = 1
 ) -> transforms.EvalPreprocess:
-    """The eval transform `create_eval_batches` applies for `config`: its resize/crop and its mean/std.
-
-    `preprocess(raw)` of the result turns one image (array or encoded bytes) into what the model saw in
-    evaluation, which is how `resnet_jax.predict` prepares images for a model trained here.
-    """
-    return transforms.EvalPreprocess(
-        **_preprocess_options(dataset_spec(config)), batch_size=batch_size
-    )
+    """The eval transform `create_eval_batches` applies for `config` (its size, resize/crop, mean/std):
+    `preprocess(raw)` of it is one image (array or encoded bytes) as the model saw it in evaluation, which
+    is how `resnet_jax.predict` prepares images for a model trained here."""
+    options = {**_preprocess_options(dataset_spec(config)), **transforms.eval_options(config)}
+    return transforms.EvalPreprocess(**options, batch_size=batch_size)
 
 
 class _EvalBatchSource:
@@ -255,10 +252,10 @@ class _EvalBatchSource:
         return [self._source[i] for i in range(first, min(first + self._batch_size, self._stop))]
 
 
-def _train_preprocessor(spec: DatasetSpec) -> grain.transforms.RandomMap:
+def _train_preprocessor(spec: DatasetSpec, recipe: Any) -> grain.transforms.RandomMap:
     """Decode, augment, normalize one training record: the dense canvases keep their label maps."""
     if spec.kind != DIGIT_CANVASES:
-        return transforms.TrainPreprocess(**_preprocess_options(spec))
+        return transforms.TrainPreprocess(**_preprocess_options(spec), recipe=recipe)
     from resnet_jax.dense import canvases
 
     return canvases.CanvasTrainPreprocess(*_normalization_stats(spec))
@@ -329,14 +326,17 @@ def create_train_iterator(
             f"{spec.dataset} split {spec.train_split!r} has {len(source)} training examples, fewer than one "
             f"global batch of {global_batch_size}. Lower the batch size."
         )
+    preprocess = _train_preprocessor(spec, transforms.TrainRecipe.from_config(config))
     rows = stream.process_rows(
         source,
-        _train_preprocessor(spec),
+        preprocess,
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
     )
+    schedule = progressive.ResolutionSchedule.from_config(config, len(source) // global_batch_size)
+    rows = progressive.at_train_resolution(rows, preprocess, schedule, local_batch_size)
     options = _loader_options(config)
     return stream.iterate_batches(
         rows,

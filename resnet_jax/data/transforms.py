@@ -207,12 +207,14 @@ class TrainRecipe:
 
     `auto_augment` is one of AUTO_AUGMENT_POLICIES, run on the uint8 crop with bilinear interpolation (as
     torchvision's ClassificationPresetTrain); random erasing comes last, on the normalized image.
+    `resize_later`: the size depends on the step (progressive resizing), see `TrainPreprocess`.
     """
 
     auto_augment: str = "none"
     rand_augment_num_ops: int = RAND_AUGMENT_NUM_OPS
     rand_augment_magnitude: int = RAND_AUGMENT_MAGNITUDE
     random_erasing_prob: float = 0.0
+    resize_later: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> TrainRecipe:
@@ -222,6 +224,7 @@ class TrainRecipe:
             rand_augment_num_ops=config.rand_augment_num_ops,
             rand_augment_magnitude=config.rand_augment_magnitude,
             random_erasing_prob=config.random_erasing_prob,
+            resize_later=config.progressive_resize_min_size > 0,
         )
 
     def __post_init__(self):
@@ -272,7 +275,7 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
     """Decode + training augmentation + normalization; None for an undecodable record.
 
     In two halves: `decode` (the record's image and, for "imagenet", the random-resized crop's box) and
-    `finish` (resize to a size, crop/flip, the recipe's augmentations, normalization). With
+    `finish` (resize to a size, crop/flip, the recipe's augmentations, normalization). With the recipe's
     `resize_later` (progressive resizing, where the size depends on the step the example lands in),
     `random_map` only decodes (in full, so that a bad file is still caught here and replaced by the
     stream) and hands the decoded image with a copy of its generator to `finish`, which
@@ -280,16 +283,10 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
     draw comes from the example's own generator, in the same order.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        recipe: TrainRecipe = TrainRecipe(),
-        resize_later: bool = False,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, recipe: TrainRecipe = TrainRecipe(), **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
-        self.resize_later = resize_later
+        self.resize_later = recipe.resize_later
 
     def decode(self, raw: Any, rng: np.random.Generator) -> tuple[Any, Any]:
         """(image, crop box or None): the size-independent first half (a random draw for "imagenet")."""
