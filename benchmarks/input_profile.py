@@ -21,15 +21,21 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import grain
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from input_pipeline import cpu_seconds, folder_config, make_photo_folder  # noqa: E402
+from input_pipeline import (  # noqa: E402
+    cpu_seconds,
+    folder_config,
+    make_photo_folder,
+    read_ahead_batches,
+)
 
-from resnet_jax.data import create_train_iterator, folder, transforms  # noqa: E402
+from resnet_jax.data import create_train_iterator, folder, stream, transforms  # noqa: E402
 
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
@@ -85,6 +91,8 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         for i, raw in enumerate(data)
     ]
     flipped = [crop[:, ::-1] for crop in crops]
+    resized = [Image.fromarray(crop) for crop in crops]
+    shuffled = grain.MapDataset.range(count).shuffle(seed=0)
     normalized = [
         transforms.normalize(f, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) for f in flipped
     ]
@@ -103,13 +111,15 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         "crop + resize to 224 (PIL, box)": lambda i: decoded_images[i][0].resize(
             (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=decoded_images[i][1]
         ),
-        "to numpy (np.asarray of the crop)": lambda i: np.asarray(
-            decoded_images[i][0].resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=(0, 0, 8, 8))
-        ),
+        "to numpy (np.asarray of the 224 crop)": lambda i: np.asarray(resized[i]),
         "flip + contiguous copy (uint8)": lambda i: np.ascontiguousarray(crops[i][:, ::-1]),
+        "flip in PIL (transpose) + to numpy": lambda i: np.asarray(
+            resized[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        ),
         "float32 conversion + normalize": lambda i: transforms.normalize(
             flipped[i], transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
         ),
+        "shuffled index (Grain's index_shuffle)": lambda i: shuffled[i],
         "batch copy, float32 (np.stack / 32)": lambda i: (
             np.stack(normalized[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
         ),
@@ -120,7 +130,6 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
     # Decoding includes parsing the header and drafting, so subtract what it contains.
     results = {name: per_image_ms(stage, count, repeats) for name, stage in cumulative.items()}
     results["JPEG draft + decode (load)"] -= results["header parse (Image.open from bytes)"]
-    # Resizing a tiny 8x8 box measures the fixed cost of `resize` + asarray, not the resize itself.
     results["whole transform (TrainPreprocess.random_map, no file read)"] = per_image_ms(
         lambda i: preprocess.random_map({"image": data[i], "label": 0}, np.random.default_rng(i)),
         count,
@@ -138,13 +147,13 @@ preprocess = transforms.TrainPreprocess(
 
 
 def pipeline_rate(root: str, num_read_threads: int, batches: int) -> float:
-    """Images per CPU-second of `create_train_iterator` in this process (after 2 warm-up batches)."""
+    """Images per CPU-second of `create_train_iterator` in this process (warmed up past its read-ahead)."""
     config = folder_config(root, num_workers=0)
     config.num_read_threads = num_read_threads
     iterator = create_train_iterator(
         config, process_index=0, process_count=1, global_batch_size=BATCH_SIZE, seed=0
     )
-    for _ in range(2):
+    for _ in range(2 + read_ahead_batches("ours", 0, BATCH_SIZE)):
         next(iterator)
     start = cpu_seconds()
     for _ in range(batches):
@@ -189,7 +198,10 @@ def main() -> None:
         )
         for threads in (1, 16):
             rate = pipeline_rate(root, threads, args.batches)
-            print(f"  {f'Grain pipeline, {threads} read thread(s)':>60}: {rate:6.1f}")
+            used = stream.decoding_threads(threads, 0)
+            print(
+                f"  {f'Grain pipeline, num_read_threads={threads} ({used} used)':>60}: {rate:6.1f}"
+            )
     print(f"load average at end: {os.getloadavg()}")
 
 
