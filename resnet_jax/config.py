@@ -188,8 +188,26 @@ def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_number(v) and v >= low), f"a number >= {low:g}"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0), "an integer > 0"
+    return (lambda v: _is_int(v) and v > 0), "an integer > 0"
+
+
+def _int_in(low: int, high: float = math.inf, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    allowed = f"an integer >= {low}" if high == math.inf else f"an integer in [{low}, {high}]"
+    return (lambda v: _is_int(v) and low <= v <= high), allowed + note
+
+
+def _ordered_pair(
+    element: Callable[[Any], bool], allowed: str
+) -> tuple[Callable[[Any], bool], str]:
+    def valid(v: Any) -> bool:
+        return isinstance(v, tuple | list) and len(v) == 2 and all(map(element, v)) and v[0] <= v[1]
+
+    return valid, allowed
 
 
 def _fraction(upper_open: bool = False) -> tuple[Callable[[Any], bool], str]:
@@ -273,30 +291,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "switch_prob": _fraction(),
     "auto_augment": _choice(AUTO_AUGMENTS),
     "rand_augment_num_ops": _positive_int(),
-    "rand_augment_magnitude": (
-        (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 30),
-        "an integer in [0, 30]",
-    ),
+    "rand_augment_magnitude": _int_in(0, 30),
     "random_erasing_prob": _fraction(),
-    "eval_image_size": (
-        (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-        "an integer >= 0 (0 = image_size)",
-    ),
+    "eval_image_size": _int_in(0, note=" (0 = image_size)"),
     "eval_crop_fraction": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
-    "progressive_resize_min_size": (
-        (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-        "an integer >= 0 (0 = off)",
-    ),
-    "progressive_resize_epochs": (
-        (
-            lambda v: (
-                isinstance(v, tuple | list)
-                and len(v) == 2
-                and all(_is_number(e) and e >= 0 for e in v)
-                and v[0] <= v[1]
-            )
-        ),
-        "a pair (start_epoch, end_epoch) with 0 <= start <= end",
+    "progressive_resize_min_size": _int_in(0, note=" (0 = off)"),
+    "progressive_resize_epochs": _ordered_pair(
+        lambda e: _is_number(e) and e >= 0, "a pair (start_epoch, end_epoch) with 0 <= start <= end"
     ),
     "progressive_resize_multiple": _positive_int(),
     "task": _choice(TASKS),
@@ -304,16 +305,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head_channels": _positive_int(),
     "head_norm": _choice(HEAD_NORMS),
     "canvas_size": _positive_int(),
-    "canvas_digit_sizes": (
-        (
-            lambda v: (
-                isinstance(v, tuple | list)
-                and len(v) == 2
-                and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)
-                and v[0] <= v[1]
-            )
-        ),
-        "a pair (smallest, largest) of positive integers",
+    "canvas_digit_sizes": _ordered_pair(
+        lambda e: _is_int(e) and e > 0, "a pair (smallest, largest) of positive integers"
     ),
     "canvas_train_examples": _positive_int(),
     "canvas_eval_examples": _positive_int(),
