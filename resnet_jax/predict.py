@@ -33,8 +33,10 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from resnet_jax import steps
 from resnet_jax.config import base_config
 from resnet_jax.data import DataError, dataset_info, eval_preprocessor, transforms
+from resnet_jax.data.pipeline import normalization_stats
 from resnet_jax.models import CIFAR_MODELS, create_model, list_models
 from resnet_jax.tree_diff import diff_variables
 
@@ -177,15 +179,18 @@ def predict(
     top_k: int = 5,
     class_names: Sequence[str] | None = None,
     batch_size: int = 32,
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[Prediction]:
     """Top-`top_k` classes for each image of a preprocessed batch `(N, H, W, C)` (see `load_image`).
 
+    uint8 images are normalized with `pixel_stats` (mean, std) in the compiled function as eval steps do.
     Returns one list per image of `(class_index, class_name, probability)`, most probable first.
     Names come from `class_names`, else ImageNet's for 1000 classes, else the index as a string.
     """
     if model_name not in list_models():
         raise PredictError(f"unknown model {model_name!r}; available: {', '.join(list_models())}")
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    images = images if images.dtype == np.uint8 else images.astype(np.float32)
     if images.ndim != 4:
         raise PredictError(f"expected a batch of images (N, H, W, C), got shape {images.shape}")
     num_classes, in_channels = _head_shape(variables)
@@ -197,6 +202,7 @@ def predict(
 
     @jax.jit
     def probabilities(x: jax.Array) -> jax.Array:
+        x = steps.normalize_images(x, *(pixel_stats or (None, None)))
         return jax.nn.softmax(model.apply(model_variables, x, train=False), axis=-1)
 
     results = []
@@ -262,7 +268,9 @@ def _training_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 
 def training_eval_preprocessor(
-    config: Mapping[str, Any], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    config: Mapping[str, Any],
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    host_normalize: bool = True,
 ) -> Callable[[str], np.ndarray]:
     """The trainer's own eval transform for a saved training `config`: its resize/crop and its mean/std.
 
@@ -271,7 +279,7 @@ def training_eval_preprocessor(
     package rather than by `load_image`'s torchvision defaults. Files are read as by `read_image`, and
     transparency is composited over ALPHA_BACKGROUND as `load_image` does.
     """
-    preprocessor = eval_preprocessor(_training_config(config))
+    preprocessor = eval_preprocessor(_training_config(config), host_normalize=host_normalize)
 
     def load(path: str) -> np.ndarray:
         def decode(image: Image.Image) -> np.ndarray:
@@ -295,14 +303,17 @@ def _dataset_class_names(config: Mapping[str, Any]) -> list[str] | None:
 
 def _image_loader(
     args: argparse.Namespace, model_name: str, metadata: Mapping[str, Any], in_channels: int
-) -> Callable[[str], np.ndarray]:
-    """The training run's eval transform when the checkpoint has one and no flag overrides it, else
-    torchvision's eval transform with the flags' (or metadata's, or the model family's) settings."""
+) -> tuple[Callable[[str], np.ndarray], Any]:
+    """(loader, pixel_stats for `predict`): the training run's eval transform (uint8, and its dataset's
+    (mean, std)) when the checkpoint has one and no flag overrides it, else torchvision's eval transform
+    (normalized floats, None) with the flags' (or metadata's, or the model family's) settings."""
     config = metadata.get("config") or {}
     preprocessing_flags = (args.image_size, args.crop_fraction, args.normalization)
     if config.get("dataset") and all(flag is None for flag in preprocessing_flags):
         try:
-            return training_eval_preprocessor(config, args.max_image_pixels)
+            # uint8, as the trainer's eval batches: `predict` normalizes them as its eval step did.
+            stats = normalization_stats(_training_config(config))
+            return training_eval_preprocessor(config, args.max_image_pixels, False), stats
         except (ImportError, OSError, ValueError) as e:
             raise PredictError(
                 f"cannot rebuild the eval transform of dataset {config['dataset']!r} ({e}); "
@@ -319,7 +330,7 @@ def _image_loader(
             path, image_size, crop_fraction, normalization, in_channels, args.max_image_pixels
         )
 
-    return load
+    return load, None
 
 
 def _load_checkpoint(args: argparse.Namespace) -> tuple[Mapping[str, Any], dict[str, Any], str]:
@@ -361,7 +372,7 @@ def _run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     class_names = metadata.get("class_names")
     if class_names is None and config.get("dataset"):
         class_names = _dataset_class_names(config)
-    load = _image_loader(args, model_name, metadata, in_channels=_head_shape(variables)[1])
+    load, stats = _image_loader(args, model_name, metadata, _head_shape(variables)[1])
     readable, images, failures = [], [], []
     for path in args.images:
         try:
@@ -371,7 +382,9 @@ def _run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             failures.append(str(e))
     if not images:
         return [], failures
-    results = predict(variables, model_name, np.stack(images), args.top_k, class_names=class_names)
+    results = predict(
+        variables, model_name, np.stack(images), args.top_k, class_names, pixel_stats=stats
+    )
     lines = []
     for path, prediction in zip(readable, results, strict=True):
         lines.append(path)

@@ -64,9 +64,12 @@ def compile_steps(
             learning_rate_fn=optimization.learning_rate_fn,
             trainable_mask=optimization.trainable_mask,
         )
+    stats = dict(zip(("pixel_mean", "pixel_std"), data.normalization_stats(config), strict=True))
+    train_step = functools.partial(steps.train_step, **stats)
+    eval_step = functools.partial(steps.eval_step, **stats)
     train_fn = data_parallel.compile(
         functools.partial(
-            steps.train_step,
+            train_step,  # uint8 batches: the steps normalize them with the dataset's statistics
             apply_fn=model.apply,
             tx=optimization.tx,
             learning_rate_fn=optimization.learning_rate_fn,
@@ -85,7 +88,7 @@ def compile_steps(
     eval_fns = {
         prefix: data_parallel.compile(
             functools.partial(
-                steps.eval_step, apply_fn=model.apply, use_ema=use_ema, axis_name=DATA_AXIS
+                eval_step, apply_fn=model.apply, use_ema=use_ema, axis_name=DATA_AXIS
             ),
             donate_state=False,
         )
@@ -170,6 +173,7 @@ class _Run:
             process_count=process_count,
             local_batch_size=self.plan.local_eval_batch_size,
             split=split,
+            uint8_images=True,
         )
         info = self.plan.info
         total = data.num_eval_batches(
@@ -307,6 +311,7 @@ def train_batches_from(
         global_batch_size=config.batch_size,
         seed=config.seed,
         start_step=start_step,
+        uint8_images=True,
     )
 
 

@@ -393,7 +393,7 @@ def test_train_py_runs_the_recipe_with_every_option_on(tmp_path):
     assert any("eval_accuracy" in r for r in records)
     # One compilation of the train step per resolution (JAX_LOG_COMPILES logs each with its input shapes).
     compiles = [line for line in log.splitlines() if "Compiling jit(train_step)" in line]
-    sizes = [re.search(r"float32\[256@data,(\d+),\1,3\]", line).group(1) for line in compiles]
+    sizes = [re.search(r"uint8\[256@data,(\d+),\1,3\]", line).group(1) for line in compiles]
     assert sorted(sizes, key=int) == ["8", "12", "16"], "\n".join(compiles)
     evals = [line for line in log.splitlines() if "Compiling jit(eval_step)" in line]
-    assert len(evals) == 1 and "float32[256@data,20,20,3]" in evals[0]
+    assert len(evals) == 1 and "uint8[256@data,20,20,3]" in evals[0]

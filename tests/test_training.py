@@ -103,7 +103,8 @@ class PoisonedIterator:
         batch = next(self._iterator)
         self._step += 1
         if self._step == 5:
-            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            # Float images (uint8 holds no NaN): the step takes them as already normalized.
+            batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
         return batch
 
 

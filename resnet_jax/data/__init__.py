@@ -25,6 +25,7 @@ from resnet_jax.data.pipeline import (
     dataset_info,
     dataset_spec,
     eval_preprocessor,
+    normalization_stats,
     num_eval_batches,
 )
 from resnet_jax.data.sources import DataError
@@ -38,5 +39,6 @@ __all__ = [
     "dataset_info",
     "dataset_spec",
     "eval_preprocessor",
+    "normalization_stats",
     "num_eval_batches",
 ]

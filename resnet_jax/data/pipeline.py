@@ -20,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from resnet_jax.data import folder, progressive, sources, stream, transforms
 from resnet_jax.data.sources import DataError
@@ -213,10 +212,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
-def _preprocess_options(spec: DatasetSpec) -> dict[str, Any]:
+def normalization_stats(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], ...]:
+    """Per-channel (mean, std) of pixel / 255 for the config: host-normalized, or by the step (uint8_images)."""
+    return _normalization_stats(dataset_spec(config))
+
+
+def _preprocess_options(spec: DatasetSpec, host_normalize: bool = True) -> dict[str, Any]:
     """The arguments TrainPreprocess and EvalPreprocess share."""
     mean, std = _normalization_stats(spec)
     return dict(
+        host_normalize=host_normalize,
         augment=spec.augment,
         image_size=spec.image_size,
         mean=mean,
@@ -226,12 +231,13 @@ def _preprocess_options(spec: DatasetSpec) -> dict[str, Any]:
 
 
 def eval_preprocessor(
-    config: ml_collections.ConfigDict, batch_size: int = 1
+    config: ml_collections.ConfigDict, batch_size: int = 1, host_normalize: bool = True
 ) -> transforms.EvalPreprocess:
     """The eval transform `create_eval_batches` applies for `config` (its size, resize/crop, mean/std):
     `preprocess(raw)` of it is one image (array or encoded bytes) as the model saw it in evaluation, which
     is how `resnet_jax.predict` prepares images for a model trained here."""
-    options = {**_preprocess_options(dataset_spec(config)), **transforms.eval_options(config)}
+    spec = dataset_spec(config)
+    options = _preprocess_options(spec, host_normalize) | transforms.eval_options(config)
     return transforms.EvalPreprocess(**options, batch_size=batch_size)
 
 
@@ -252,38 +258,29 @@ class _EvalBatchSource:
         return [self._source[i] for i in range(first, min(first + self._batch_size, self._stop))]
 
 
-def _train_preprocessor(spec: DatasetSpec, recipe: Any) -> grain.transforms.RandomMap:
+def _train_preprocessor(
+    spec: DatasetSpec, recipe: Any, host_normalize: bool
+) -> grain.transforms.RandomMap:
     """Decode, augment, normalize one training record: the dense canvases keep their label maps."""
     if spec.kind != DIGIT_CANVASES:
-        return transforms.TrainPreprocess(**_preprocess_options(spec), recipe=recipe)
+        return transforms.TrainPreprocess(
+            **_preprocess_options(spec, host_normalize), recipe=recipe
+        )
     from resnet_jax.dense import canvases
 
     return canvases.CanvasTrainPreprocess(*_normalization_stats(spec))
 
 
-def _eval_batches_map(config: ml_collections.ConfigDict, batch_size: int) -> grain.transforms.Map:
+def _eval_batches_map(
+    config: ml_collections.ConfigDict, batch_size: int, host_normalize: bool
+) -> grain.transforms.Map:
     """Records of one eval batch -> the padded, masked batch (`map([])`: a whole padding batch)."""
     spec = dataset_spec(config)
     if spec.kind != DIGIT_CANVASES:
-        return eval_preprocessor(config, batch_size=batch_size)
+        return eval_preprocessor(config, batch_size, host_normalize)
     from resnet_jax.dense import canvases
 
     return canvases.CanvasEvalPreprocess(*_normalization_stats(spec), batch_size, spec.image_size)
-
-
-def _loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """grain.DataLoader's worker and read-ahead arguments."""
-    if config.num_workers > 0 and not flags.FLAGS.is_parsed():
-        # Grain's worker processes read absl flags; outside absl.app (tests, notebooks) they were never parsed.
-        flags.FLAGS(sys.argv[:1], known_only=True)
-    return dict(
-        worker_count=config.num_workers,
-        worker_buffer_size=config.worker_buffer_size,
-        read_options=grain.ReadOptions(
-            num_threads=config.num_read_threads,
-            prefetch_buffer_size=config.prefetch_buffer_size,
-        ),
-    )
 
 
 def _check_process_args(process_index: int, process_count: int, local_batch_size: int) -> None:
@@ -301,9 +298,10 @@ def create_train_iterator(
     global_batch_size: int,
     seed: int,
     start_step: int = 0,
+    uint8_images: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """An endless iterator of this process's rows of the global training batches, from `start_step` on:
-    {'image': f32 (B/P,H,W,3), 'label': i32 (B/P,)}.
+    {'image': f32 (B/P,H,W,3), 'label': i32 (B/P,)} (uint8 images with `uint8_images`: the step normalizes).
 
     Global batch k (the batch of step k + 1) is a function of (seed, k) and of the dataset only, for any
     number of processes, devices and workers (see `stream`); this process reads its rows
@@ -326,7 +324,8 @@ def create_train_iterator(
             f"{spec.dataset} split {spec.train_split!r} has {len(source)} training examples, fewer than one "
             f"global batch of {global_batch_size}. Lower the batch size."
         )
-    preprocess = _train_preprocessor(spec, transforms.TrainRecipe.from_config(config))
+    recipe = transforms.TrainRecipe.from_config(config)
+    preprocess = _train_preprocessor(spec, recipe, host_normalize=not uint8_images)
     rows = stream.process_rows(
         source,
         preprocess,
@@ -337,7 +336,7 @@ def create_train_iterator(
     )
     schedule = progressive.ResolutionSchedule.from_config(config, len(source) // global_batch_size)
     rows = progressive.at_train_resolution(rows, preprocess, schedule, local_batch_size)
-    options = _loader_options(config)
+    options = stream.loader_options(config)
     return stream.iterate_batches(
         rows,
         local_batch_size=local_batch_size,
@@ -367,6 +366,7 @@ def create_eval_batches(
     process_count: int,
     local_batch_size: int,
     split: str = "eval",
+    uint8_images: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's slice of the eval split (or of the test split for split="test"):
     {'image', 'label', 'mask'} batches.
@@ -382,7 +382,7 @@ def create_eval_batches(
     start, stop = eval_shard(len(source), process_index, process_count)
     total_batches = num_eval_batches(len(source), process_count, local_batch_size)
     yielded = 0
-    preprocess = _eval_batches_map(config, local_batch_size)
+    preprocess = _eval_batches_map(config, local_batch_size, host_normalize=not uint8_images)
     if stop > start:
         batch_source = _EvalBatchSource(source, start, stop, local_batch_size)
         loader = grain.DataLoader(
@@ -390,7 +390,7 @@ def create_eval_batches(
             sampler=grain.samplers.SequentialSampler(num_records=len(batch_source)),
             operations=[preprocess],
             shard_options=grain.sharding.NoSharding(),
-            **_loader_options(config),
+            **stream.loader_options(config),
         )
         for batch in loader:
             yield batch

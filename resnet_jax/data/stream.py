@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from typing import Any
 
 import grain
+from absl import flags
 
 from resnet_jax.data.sources import DataError, Source
 
@@ -123,6 +125,22 @@ def process_rows(
     # Sliced after the substitution, so the cut and the epochs map onto whole permutations of the split.
     epochs = ReplaceUndecodable(examples)[: steps_per_epoch * global_batch_size].repeat()
     return ProcessRows(epochs, global_batch_size, process_index, process_count)
+
+
+def loader_options(config: Any) -> dict[str, Any]:
+    """Grain's worker and read-ahead arguments from the config: worker_count, worker_buffer_size and
+    read_options (threads capped by `decoding_threads`, for the train stream and the eval loader alike)."""
+    if config.num_workers > 0 and not flags.FLAGS.is_parsed():
+        # Grain's worker processes read absl flags; outside absl.app (tests, notebooks) they were never parsed.
+        flags.FLAGS(sys.argv[:1], known_only=True)
+    return dict(
+        worker_count=config.num_workers,
+        worker_buffer_size=config.worker_buffer_size,
+        read_options=grain.ReadOptions(
+            num_threads=decoding_threads(config.num_read_threads, config.num_workers),
+            prefetch_buffer_size=config.prefetch_buffer_size,
+        ),
+    )
 
 
 def decoding_threads(num_read_threads: int, num_workers: int) -> int:

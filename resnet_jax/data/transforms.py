@@ -45,6 +45,7 @@ from resnet_jax.data.augment import (  # the crops live with the other augmentat
     RRC_RATIO,  # noqa: F401 (benchmarks read it here)
     RRC_SCALE,  # noqa: F401
     auto_augment,
+    erasing_value,
     pad_and_random_crop,
     random_erasing,
     random_resized_crop_box,
@@ -253,6 +254,7 @@ class _Preprocess:
         mean: Sequence[float],
         std: Sequence[float],
         crop_padding: int = 4,
+        host_normalize: bool = True,  # False: images stay uint8, normalized in the step
     ):
         if augment not in AUGMENTS:
             raise ValueError(f"config.augment must be one of {AUGMENTS}, got {augment!r}")
@@ -261,6 +263,7 @@ class _Preprocess:
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.crop_padding = crop_padding
+        self.host_normalize = host_normalize
 
     def _normalize(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
         size = size or self.image_size
@@ -268,7 +271,7 @@ class _Preprocess:
             raise ValueError(
                 f"preprocessed image has shape {image.shape}, expected {(size, size, 3)}"
             )
-        return normalize(image, self.mean, self.std)
+        return normalize(image, self.mean, self.std) if self.host_normalize else image
 
 
 class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
@@ -303,17 +306,19 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
         return image, box
 
     def finish(self, decoded: tuple[Any, Any], size: int, rng: np.random.Generator) -> np.ndarray:
-        """float32 (size, size, 3): the decoded image resized, cropped, flipped, augmented, normalized."""
+        """(size, size, 3): the decoded image resized, cropped, flipped (by PIL for "imagenet": cheaper than
+        numpy's strided copy), augmented, normalized (float32; uint8 without `host_normalize`)."""
         image, box = decoded
         if self.augment == "imagenet":
-            pixels = np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR, box=box))
+            pixels = to_rgb(image).resize((size, size), Image.BILINEAR, box=box)
         else:
             pixels = whole_image(image, size)
             if self.augment == "cifar":
                 pixels = pad_and_random_crop(pixels, self.crop_padding, rng)
         if self.augment != "none" and rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-        recipe = self.recipe
+            flip = Image.Transpose.FLIP_LEFT_RIGHT
+            pixels = pixels.transpose(flip) if isinstance(pixels, Image.Image) else pixels[:, ::-1]
+        pixels, recipe = np.asarray(pixels), self.recipe
         pixels = auto_augment(
             pixels,
             rng,
@@ -324,8 +329,10 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
         )
         normalized = self._normalize(pixels, size)
         if recipe.random_erasing_prob > 0:
-            # torchvision's RandomErasing(value=0) after Normalize: the mean colour, exactly.
-            normalized = random_erasing(normalized, rng, recipe.random_erasing_prob, value=0.0)
+            # torchvision's RandomErasing(value=0) after Normalize: the mean colour (exactly, or in uint8
+            # its nearest pixel: 0 after normalization up to that rounding, |x| <= 0.5 / 255 / std).
+            value = 0.0 if self.host_normalize else erasing_value(self.mean)
+            normalized = random_erasing(normalized, rng, recipe.random_erasing_prob, value=value)
         return normalized
 
     def random_map(
@@ -364,7 +371,7 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
         self.crop_fraction = crop_fraction
 
     def preprocess(self, raw: Any) -> np.ndarray:
-        """One image (ndarray or encoded bytes) as the model sees it in eval: float32 (H, W, 3).
+        """One image (ndarray or encoded bytes) as eval sees it: float32 (H, W, 3), uint8 if not host_normalize.
 
         Raises one of UNDECODABLE_IMAGE_ERRORS for a file that is not a readable image.
         """
@@ -375,9 +382,9 @@ class EvalPreprocess(_Preprocess, grain.transforms.Map):
         return self._normalize(image)
 
     def map(self, elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        size = self.image_size
+        size, dtype = self.image_size, np.float32 if self.host_normalize else np.uint8
         batch = {
-            "image": np.zeros((self.batch_size, size, size, 3), np.float32),
+            "image": np.zeros((self.batch_size, size, size, 3), dtype),
             "label": np.zeros((self.batch_size,), np.int32),
             "mask": np.zeros((self.batch_size,), np.float32),
         }
