@@ -4,8 +4,8 @@
 
 Generates `num_images` photo-like JPEGs of about 500x375 (ImageNet's typical size; smooth random fields with
 grain, quality 90) in 4 classes in a temporary folder, then times on the same files, in this process:
-- ours: `create_train_iterator` (RandomResizedCrop 224 + flip, batches as the trainer gets them), in process
-  and with each of `--workers` Grain worker processes;
+- ours: `create_train_iterator` (RandomResizedCrop 224 + flip, uint8 batches as the trainer gets them: the
+  normalization runs in the compiled step), in process and with each of `--workers` Grain worker processes;
 - torchvision: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor,
   Normalize (ImageNet statistics), the same batch size and worker counts (0 = in process); torch runs with one
   intra-op thread, as its DataLoader workers do;
@@ -106,10 +106,15 @@ def folder_config(root: str, num_workers: int) -> Any:
 
 
 def ours(root: str, num_workers: int, batch_size: int) -> Iterator[Any]:
-    """Our training batches, as the trainer reads them."""
+    """Our training batches, as the trainer reads them (uint8; normalized in the step)."""
     config = folder_config(root, num_workers)
     return create_train_iterator(
-        config, process_index=0, process_count=1, global_batch_size=batch_size, seed=0
+        config,
+        process_index=0,
+        process_count=1,
+        global_batch_size=batch_size,
+        seed=0,
+        uint8_images=True,
     )
 
 
@@ -318,8 +323,8 @@ def main() -> None:
             )
     result = dict(
         benchmark="input_pipeline",
-        task="folder of JPEGs -> RandomResizedCrop 224 + flip + batches (ours as the trainer gets them; "
-        "torchvision: ToTensor + Normalize)",
+        task="folder of JPEGs -> RandomResizedCrop 224 + flip + batches (ours: uint8, as the trainer gets "
+        "them, normalized in the step; torchvision: ToTensor + Normalize, float32)",
         num_images=args.num_images,
         batch_size=args.batch_size,
         load_average_1m_at_start=round(load_at_start, 2),

@@ -135,6 +135,13 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         count,
         repeats,
     )
+    results["whole transform, uint8 out (the trainer's)"] = per_image_ms(
+        lambda i: preprocess_uint8.random_map(
+            {"image": data[i], "label": 0}, np.random.default_rng(i)
+        ),
+        count,
+        repeats,
+    )
     return results
 
 
@@ -144,14 +151,27 @@ preprocess = transforms.TrainPreprocess(
     mean=transforms.IMAGENET_MEAN,
     std=transforms.IMAGENET_STD,
 )
+# What the trainer runs: uint8 out, normalized in the compiled step.
+preprocess_uint8 = transforms.TrainPreprocess(
+    augment="imagenet",
+    image_size=IMAGE_SIZE,
+    mean=transforms.IMAGENET_MEAN,
+    std=transforms.IMAGENET_STD,
+    host_normalize=False,
+)
 
 
-def pipeline_rate(root: str, num_read_threads: int, batches: int) -> float:
+def pipeline_rate(root: str, num_read_threads: int, batches: int, uint8_images: bool) -> float:
     """Images per CPU-second of `create_train_iterator` in this process (warmed up past its read-ahead)."""
     config = folder_config(root, num_workers=0)
     config.num_read_threads = num_read_threads
     iterator = create_train_iterator(
-        config, process_index=0, process_count=1, global_batch_size=BATCH_SIZE, seed=0
+        config,
+        process_index=0,
+        process_count=1,
+        global_batch_size=BATCH_SIZE,
+        seed=0,
+        uint8_images=uint8_images,
     )
     for _ in range(2 + read_ahead_batches("ours", 0, BATCH_SIZE)):
         next(iterator)
@@ -196,12 +216,12 @@ def main() -> None:
         print(
             f"  {'plain loop (read + transform + stack)':>60}: {plain_loop_rate(paths, 6 * BATCH_SIZE):6.1f}"
         )
-        for threads in (1, 16):
-            rate = pipeline_rate(root, threads, args.batches)
+        for threads, uint8_images in ((1, False), (16, False), (1, True), (16, True)):
+            rate = pipeline_rate(root, threads, args.batches, uint8_images)
             used = stream.decoding_threads(threads, 0)
-            print(
-                f"  {f'Grain pipeline, num_read_threads={threads} ({used} used)':>60}: {rate:6.1f}"
-            )
+            images = "uint8" if uint8_images else "float32"
+            name = f"Grain pipeline, {images}, num_read_threads={threads} ({used} used)"
+            print(f"  {name:>60}: {rate:6.1f}")
     print(f"load average at end: {os.getloadavg()}")
 
 
