@@ -3,6 +3,7 @@
 import os
 
 import jax
+import pytest
 
 # Deterministic conv forms and no timing in tests: `static` picks each conv's form by the shape rule, so a test's
 # numbers do not depend on the machine and no test pays for autotuning. Set at import, before any test runs;
@@ -14,3 +15,17 @@ jax.config.update(
     "jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def unoptimized_xla():
+    """XLA without most of its optimization passes, for a test module's duration.
+
+    For modules that apply big nets once each, op by op (the torchvision and timm parity tests): there every
+    new op shape is a compile, and the passes cost more compile time than they save in run time. Results
+    differ from an optimized build in float rounding only; the tolerances are well above it.
+    """
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

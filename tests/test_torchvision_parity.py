@@ -25,7 +25,13 @@ ARCHITECTURES = [
     pytest.param(name, marks=pytest.mark.full_size) if name in LARGE else name
     for name in IMAGENET_MODELS
 ]
+# Logits of every net but three of the four largest: resnet152 and wide_resnet101_2 repeat the blocks of
+# resnet101 and wide_resnet50_2 (same code, same widths, more blocks), resnext101_32x8d the grouped blocks of
+# resnext50_32x4d and resnext101_64x4d. Their parameter counts and exact round trips are checked below.
+DEEP_REPEATS = {"resnet152", "wide_resnet101_2", "resnext101_32x8d"}
 NUM_CLASSES = 10
+# Op-by-op applies of big nets: XLA's optimization passes cost more than they save (see conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_xla")
 TOLERANCE = 1e-4  # max|diff| <= TOLERANCE * max(1, max|reference|)
 
 
@@ -137,7 +143,10 @@ def assert_matches_torchvision(reference, variables, name: str, **model_options)
     assert pooled_diff <= TOLERANCE * pooled_scale
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize(
+    "name",
+    [p for p, name in zip(ARCHITECTURES, IMAGENET_MODELS, strict=True) if name not in DEEP_REPEATS],
+)
 def test_converted_torchvision_weights_give_torchvision_logits_and_features(name):
     reference = randomized_torchvision_model(name)
     state_dict = numpy_state_dict(reference)
@@ -167,9 +176,7 @@ def test_flax_to_torchvision_to_flax_is_bit_exact(name):
     shapes = our_variable_shapes(name, NUM_CLASSES)
     rng = np.random.default_rng(2)
     # Any float32 values will do (variances positive); a structure-only init skips XLA entirely.
-    variables = jax.tree.map(
-        lambda leaf: np.abs(rng.standard_normal(leaf.shape, dtype=np.float32)) + 0.1, shapes
-    )
+    variables = jax.tree.map(lambda leaf: rng.random(leaf.shape, dtype=np.float32) + 0.1, shapes)
     state_dict = flax_to_torchvision(variables, name)
 
     # torchvision itself accepts it strictly (on the meta device, assign=True adopts the arrays as they are).
@@ -186,8 +193,9 @@ def test_flax_to_torchvision_to_flax_is_bit_exact(name):
 def test_flax_variables_from_model_init_survive_the_round_trip_through_torchvision():
     # The same from a real init (dict order and dtypes as Flax makes them), on the smallest net.
     model = create_model("resnet18", num_classes=NUM_CLASSES)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    variables = jax.tree.map(np.asarray, variables)
+    # Jitted: op by op, init compiles every op shape of the net (and each of its random draws) on its own.
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
+    variables = jax.tree.map(np.asarray, init(jax.random.key(0)))
     assert_bit_exact(
         torchvision_to_flax(flax_to_torchvision(variables, "resnet18"), "resnet18"), variables
     )
