@@ -31,6 +31,8 @@ from resnet_jax.models import IMAGENET_MODELS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
+# One-off applies, op by op: XLA's optimization passes cost more than they save (see conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_xla")
 
 
 def randomize_batch_norm(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
@@ -463,8 +465,9 @@ def test_state_dict_without_fc_gives_a_model_without_classifier(resnet18_weights
     backbone = {key: value for key, value in expected.items() if not key.startswith("fc.")}
     variables = torchvision_to_flax(backbone, "resnet18")
     assert "fc" not in variables["params"]
-    pooled = create_model("resnet18", num_classes=0).apply(variables, jnp.ones((1, 32, 32, 3)))
-    assert pooled.shape == (1, 512)
+    # Batch 2 at 32x32, as the other resnet18 applies of the suite: op by op, a new shape is a new compile.
+    pooled = create_model("resnet18", num_classes=0).apply(variables, jnp.ones((2, 32, 32, 3)))
+    assert pooled.shape == (2, 512)
 
     # Back to torchvision: no fc keys, loadable strictly once fc is the identity, as backbones do it.
     state_dict = flax_to_torchvision(variables, "resnet18")

@@ -16,6 +16,9 @@ from resnet_jax.models import (
     ResNet,
 )
 
+# One-off inits and applies, op by op: XLA's optimization passes cost more than they save (see conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_xla")
+
 
 def count_params(model, image_size=32):
     images = jnp.zeros((1, image_size, image_size, 3))

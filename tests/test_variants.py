@@ -17,6 +17,8 @@ from resnet_jax.models import CIFAR_MODELS, TIMM_MODELS, wide_resnet
 from resnet_jax.models_v2 import PreActResNet
 
 NEW_MODELS = [*TIMM_MODELS, "wide_resnet28_10"]
+# One-off inits and applies, op by op: XLA's optimization passes cost more than they save (see conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_xla")
 
 
 def param_count(variables) -> int:
