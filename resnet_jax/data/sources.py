@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image
+from resnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_rgb
 
 # Per-channel mean/std (of pixel/255 over the train split) of TFDS datasets whose statistics are standard;
 # any other dataset has them estimated from a sample of its train split.
@@ -62,7 +62,8 @@ def estimate_stats(
         try:
             image = decode_image(source[int(index)]["image"])
             image.draft("RGB", (64, 64))
-            pixels = np.asarray(image.convert("RGB"), np.float64).reshape(-1, 3) / 255.0
+            # `to_rgb`, as training sees the image: transparency over ALPHA_BACKGROUND, not hidden colours.
+            pixels = np.asarray(to_rgb(image), np.float64).reshape(-1, 3) / 255.0
         except Exception:  # an unreadable sample is left out of the estimate
             continue
         total += pixels.sum(0)
