@@ -24,6 +24,8 @@ eval Resize(232) + CenterCrop(224)). Differences from torchvision's run:
   step with the per-step equivalent decay (that decay ** (1 / 32)), from step 0. It is computed for global
   batch 1024 and 600 epochs: recompute it if you override either.
 - Warmup starts at lr 0, torchvision's at 0.01 x lr (--lr-warmup-decay 0.01).
+- The learning rate moves every step; torchvision's warmup and cosine step once per epoch (its scheduler
+  is stepped at each epoch's end), so its lr is constant within an epoch.
 - Weight decay skips BN parameters (as --norm-weight-decay 0.0) and also biases (the classifier's bias only).
 - Mixup/CutMix mix the global batch (topology independent); torchvision mixes each GPU's 128 images.
 - Repeated augmentation (--ra-sampler --ra-reps 4) is not implemented; it is optional and off here.
