@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from resnet_jax import checkpoint, models, train_state
-from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
-from resnet_jax.config import ConfigError, validate_config
+from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError, TrainingCheckpointer
+from resnet_jax.checkpoint.config_changes import check_config_change, config_changes
+from resnet_jax.config import ConfigError, base_config, validate_config
 from resnet_jax.dense.figures import PREDICTIONS_FILENAME
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -220,3 +221,40 @@ def test_segmentation_keys_that_disagree_are_one_line_naming_them(overrides, mes
 def test_the_recipe_validates_and_its_ema_metric_is_allowed_with_ema():
     validate_config(tiny_config())
     validate_config(tiny_config(ema_decay=0.99, best_metric="eval_ema_mean_iou"))
+
+
+NEVER_SAVED = object()  # the checkpoint predates the key
+
+
+@pytest.mark.parametrize(
+    "key, old, new",
+    [
+        ("task", "classification", "segmentation"),
+        ("task", NEVER_SAVED, "segmentation"),  # from before the key: a classifier's checkpoint
+        ("canvas_size", 32, 48),
+        ("canvas_digit_sizes", (12, 20), (14, 18)),
+        ("canvas_train_examples", 2048, 256),
+    ],
+)
+def test_resuming_after_a_change_of_task_or_canvases_is_refused_in_one_line(key, old, new):
+    saved = tiny_config().to_dict()
+    if old is NEVER_SAVED:
+        del saved[key]
+    else:
+        saved[key] = old
+    with pytest.raises(IncompatibleCheckpointError) as error:
+        check_config_change(saved, {**saved, key: new}, "from step 4")
+    message = str(error.value)
+    assert f"config.{key} changed " in message and "\n" not in message
+    assert changes_refused({**saved, "canvas_eval_examples": 7}, saved) == []  # eval only: allowed
+
+
+def changes_refused(saved: dict, new: dict) -> list[str]:
+    return check_config_change(saved, new, "from step 4").refused()
+
+
+def test_a_checkpoint_from_before_the_task_and_canvas_keys_resumes_a_classification_run():
+    new = base_config().to_dict()
+    saved = {k: v for k, v in new.items() if not k.startswith("canvas_") and k != "task"}
+    assert "canvas_size" in config_changes(saved, new).changed
+    assert changes_refused(saved, new) == []

@@ -16,14 +16,23 @@ from typing import Any
 
 from resnet_jax.checkpoint.checkpointer import IncompatibleCheckpointError
 
+_ABSENT = "(absent)"
+
 
 def _is_on(value: Any) -> bool:
     return bool(value)
 
 
+def _changed_since_it_existed(old: Any, new: Any) -> bool:
+    """A change, unless the checkpoint predates the key (then the run did not use it)."""
+    return old != _ABSENT and old != new
+
+
 # key -> (does this change break the checkpoint?, why). The TrainState's structure follows the model, the
 # number of classes (from the dataset), the optimizer, EMA on/off, gradient clipping on/off and the
 # fine-tuning parameter groups; the dataset and the global batch size define the data position (the step).
+# The task picks the model (classifier or FPN segmenter) and the data; the canvas keys define the canvases
+# (a checkpoint from before a key existed was a classification run: only the task rule applies to it).
 # Everything else (learning rate, schedule, length, logging, compute dtype: the state stays float32, image
 # size: the classifier follows a global pool, parallelism, BN sync) leaves the checkpoint usable.
 REFUSED_CHANGES: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
@@ -52,9 +61,15 @@ REFUSED_CHANGES: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
         lambda old, new: old != new,
         "it changes BatchNorm's mode and the optimizer's parameter groups",
     ),
+    "task": (
+        lambda old, new: (old if old != _ABSENT else "classification") != new,
+        "it changes the model (classifier or segmenter) and the data",
+    ),
+    **{
+        key: (_changed_since_it_existed, "the canvases and the data position belong to it")
+        for key in ("canvas_size", "canvas_digit_sizes", "canvas_train_examples")
+    },
 }
-
-_ABSENT = "(absent)"
 
 
 @dataclasses.dataclass(frozen=True)
