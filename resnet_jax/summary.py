@@ -80,7 +80,8 @@ def _part(path: str) -> str:
             return "stem"
         if component.startswith("stage"):
             return component.split("_")[0]
-        if component in ("fc", "final_norm"):  # final_norm: pre-activation nets' last norm
+        # final_norm: pre-activation nets' last norm; fpn, head: resnet_jax.dense's segmenter's parts.
+        if component in ("fc", "final_norm", "fpn", "head"):
             return component
     return "other"
 

@@ -25,6 +25,7 @@ from resnet_jax.checkpoint.checkpointer import TrainingCheckpointer
 from resnet_jax.checkpoint.preemption import preemption_message
 from resnet_jax.config import ConfigError, to_json, validate_config
 from resnet_jax.dense import task as dense_task
+from resnet_jax.dense.model_summary import log_run_model_summary
 from resnet_jax.metrics import NonFiniteLossError, TrainMetrics, evaluate, non_finite_paths
 from resnet_jax.mixing import BatchMixing
 from resnet_jax.models import ResNet
@@ -40,7 +41,6 @@ from resnet_jax.run_setup import (
     plan_run,
     state_to_save,
 )
-from resnet_jax.summary import log_model_summary
 from resnet_jax.train_state import TrainState
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate"]
@@ -102,7 +102,7 @@ def log_run_summary(
 ) -> None:
     """The model summary and one line with the run's sizes, before the first step."""
     info = plan.info
-    log_model_summary(config.model, info.image_size, info.num_classes, log=_log.info)
+    log_run_model_summary(config, info.image_size, info.num_classes, log=_log.info)  # by task
     _log.info(optim.describe_learning_rate(config))
     _log.info(
         "%s on %s: %d train, %d eval (%s) and %d test examples, %d classes, %s; %d steps of global "

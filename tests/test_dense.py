@@ -487,3 +487,27 @@ def test_task_pieces_train_evaluate_and_draw_from_the_pipelines_batches(tmp_path
     host = data_parallel.unreplicate(state)
     path = task.write_predictions_png(config, str(tmp_path), model, host.variables, count=2)
     assert path.endswith("predictions.png") and (tmp_path / "predictions.png").stat().st_size > 0
+
+
+def test_run_summary_describes_the_segmenter_by_part_with_no_classifier_row():
+    from resnet_jax import summary
+    from resnet_jax.dense import model_summary
+
+    config = _segmentation_config()  # cifar_resnet20 on 16 px canvases, FPN and head 8 wide
+    lines = []
+    model_summary.log_run_model_summary(config, 16, canvases.NUM_CLASSES, log=lines.append)
+    parts = [line.split()[0] for line in lines[6:]]  # after the totals, a blank line and the header
+    assert parts == ["stem", "stage1", "stage2", "stage3", "fpn", "head"]  # no fc
+    sizes = model_summary.summarize_segmenter(config, canvases.NUM_CLASSES)
+    classifier = summary.summarize("cifar_resnet20", 16, 10)
+    for part in ("stem", "stage1", "stage2", "stage3"):  # the backbone is the classifier without fc
+        assert sizes[part]["params"] == classifier.params_by_part[part]
+        assert sizes[part]["macs"] == classifier.macs_by_part[part]
+    # FPN at 16/8/4 px over 16/32/64 channels: 1x1 laterals to 8, then a 3x3 8 -> 8 conv per level.
+    laterals = 16 * 16 * 16 * 8 + 8 * 8 * 32 * 8 + 4 * 4 * 64 * 8
+    outputs = (16 * 16 + 8 * 8 + 4 * 4) * 9 * 8 * 8
+    assert sizes["fpn"]["macs"] == laterals + outputs
+    assert sizes["fpn"]["params"] == (16 + 32 + 64) * 8 + 8 * 3 + 3 * (9 * 8 * 8 + 8)
+    assert sizes["head"]["shape"] == (16, 16, canvases.NUM_CLASSES)
+    assert sizes["total"]["params"] == sum(v["params"] for k, v in sizes.items() if k != "total")
+    assert f"{sizes['total']['params']:,} parameters" in lines[0]
