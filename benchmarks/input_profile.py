@@ -67,18 +67,7 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
 
     def drafted(i: int) -> tuple[Image.Image, tuple[float, ...]]:
         image = opened(i)
-        width, height = image.size
-        left, top, crop_width, crop_height = boxes[i]
-        scale_x, scale_y = transforms.draft_jpeg(
-            image, width * IMAGE_SIZE / crop_width, height * IMAGE_SIZE / crop_height
-        )
-        box = (
-            left * scale_x,
-            top * scale_y,
-            (left + crop_width) * scale_x,
-            (top + crop_height) * scale_y,
-        )
-        return image, box
+        return image, transforms.drafted_crop_box(image, boxes[i], IMAGE_SIZE)
 
     def decoded(i: int) -> tuple[Image.Image, tuple[float, ...]]:
         image, box = drafted(i)

@@ -116,22 +116,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def random_resized_crop_source(
     raw: Any, image_size: int, rng: np.random.Generator
-) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """The record's image (a JPEG decoded at the smallest DCT scale that leaves the crop >= image_size
-    pixels wide; still lazy) and the random-resized crop's box in its pixels: what `resize` takes."""
+) -> tuple[Any, Any]:
+    """The record's image (drafted, still lazy) and its random-resized crop's box: what `resize` takes."""
     image = decode_image(raw)
+    return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
+
+
+def drafted_crop_box(
+    image: Image.Image, box: tuple[int, int, int, int], image_size: int
+) -> tuple[float, float, float, float]:
+    """Drafts `image` (a lazy JPEG) to the smallest DCT scale leaving `box` (left, top, width, height in its
+    full-size pixels) >= image_size wide, and returns the box as (left, top, right, bottom) in drafted pixels."""
     width, height = image.size
-    left, top, crop_width, crop_height = random_resized_crop_box(width, height, rng)
-    scale_x, scale_y = draft_jpeg(
-        image, width * image_size / crop_width, height * image_size / crop_height
-    )
-    box = (
-        left * scale_x,
-        top * scale_y,
-        (left + crop_width) * scale_x,
-        (top + crop_height) * scale_y,
-    )
-    return image, box
+    left, top, crop_width, crop_height = box
+    sx, sy = draft_jpeg(image, width * image_size / crop_width, height * image_size / crop_height)
+    return (left * sx, top * sy, (left + crop_width) * sx, (top + crop_height) * sy)
 
 
 def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
