@@ -370,7 +370,8 @@ def test_worker_processes_give_the_same_batches_as_none():
 
 
 def test_stream_seeds_of_neighbouring_run_seeds_are_far_apart():
-    # Grain seeds epoch e's shuffle with seed + e: run 5's epoch 1 must not be run 6's epoch 0.
+    # Derived seeds of neighbouring run seeds must not be neighbours (a per-epoch `seed + epoch` would
+    # make run 5's epoch 1 run 6's epoch 0).
     seeds = [stream.derived_seed(seed, "order") for seed in range(100)]
     assert min(abs(a - b) for a, b in zip(seeds, seeds[1:], strict=False)) > 1000
     assert stream.derived_seed(0, "order") != stream.derived_seed(0, "augment")

@@ -326,19 +326,19 @@ def create_train_iterator(
         )
     recipe = transforms.TrainRecipe.from_config(config)
     preprocess = _train_preprocessor(spec, recipe, host_normalize=not uint8_images)
-    rows = stream.process_rows(
+    schedule = progressive.ResolutionSchedule.from_config(config, len(source) // global_batch_size)
+    batches = stream.TrainBatches(
         source,
         preprocess,
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
+        finish=progressive.finisher(preprocess, schedule),
     )
-    schedule = progressive.ResolutionSchedule.from_config(config, len(source) // global_batch_size)
-    rows = progressive.at_train_resolution(rows, preprocess, schedule, local_batch_size)
     options = stream.loader_options(config)
     return stream.iterate_batches(
-        rows,
+        batches,
         local_batch_size=local_batch_size,
         start_step=start_step,
         read_options=options["read_options"],

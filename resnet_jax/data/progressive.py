@@ -7,12 +7,11 @@ epoch. Being a function of the step alone, every process agrees on it, and a res
 where it stopped.
 
 In the pipeline the resize is the last thing to know the step: `TrainPreprocess` with a recipe whose
-`resize_later` is set (config.progressive_resize_min_size > 0) decodes
-each record (and draws its crop box) in the stream's random map, and `AtTrainResolution`, mapped over this
-process's rows (whose index m is row m % b of global batch m // b, see `stream.ProcessRows`), finishes it at
-the size of the batch it lands in. An undecodable record's replacement therefore gets the size of the batch
-it fills, whichever position it was read from. Each new size compiles the train step once more (jit and pmap
-cache one program per input shape).
+`resize_later` is set (config.progressive_resize_min_size > 0) decodes each record (and draws its crop
+box) in the stream, and `AtTrainResolution`, called by `stream.TrainBatches` on each row of global batch k,
+finishes it at the size of the batch it lands in. An undecodable record's replacement therefore gets the
+size of the batch it fills, whichever position it was read from. Each new size compiles the train step once
+more (jit and pmap cache one program per input shape).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import grain
 import numpy as np
 
 from resnet_jax.data.transforms import TrainPreprocess
@@ -84,37 +82,29 @@ class ResolutionSchedule:
         return changes
 
 
-class AtTrainResolution(grain.transforms.MapWithIndex):
-    """Row m of this process's training rows, finished at the size of its global batch m // b."""
+class AtTrainResolution:
+    """Finishes a decoded training row at the size of the global batch it lands in."""
 
-    def __init__(
-        self, preprocess: TrainPreprocess, schedule: ResolutionSchedule, local_batch_size: int
-    ):
+    def __init__(self, preprocess: TrainPreprocess, schedule: ResolutionSchedule):
         if not preprocess.resize_later:
             raise ValueError(
                 "AtTrainResolution needs a TrainPreprocess whose recipe has resize_later"
             )
         self.preprocess = preprocess
         self.schedule = schedule
-        self.local_batch_size = local_batch_size
 
-    def map_with_index(self, index: int, element: dict[str, Any]) -> dict[str, np.ndarray]:
-        size = self.schedule.size_at(index // self.local_batch_size)
+    def __call__(self, element: dict[str, Any], batch_index: int) -> dict[str, np.ndarray]:
+        size = self.schedule.size_at(batch_index)
         image = self.preprocess.finish(element["decoded"], size, element["rng"])
         return {"image": image, "label": element["label"]}
 
 
-def at_train_resolution(
-    rows: grain.MapDataset,
-    preprocess: TrainPreprocess,
-    schedule: ResolutionSchedule | None,
-    local_batch_size: int,
-) -> grain.MapDataset:
-    """`rows` (from `stream.process_rows` with `preprocess`) finished at each batch's size; as is when
-    `schedule` is None (no progressive resizing: `preprocess` finished every record itself)."""
-    if schedule is None:
-        return rows
-    return rows.map_with_index(AtTrainResolution(preprocess, schedule, local_batch_size))
+def finisher(
+    preprocess: TrainPreprocess, schedule: ResolutionSchedule | None
+) -> AtTrainResolution | None:
+    """What `stream.TrainBatches` calls on each row of batch k to finish it at that batch's size; None
+    when `schedule` is None (no progressive resizing: `preprocess` finished every record itself)."""
+    return None if schedule is None else AtTrainResolution(preprocess, schedule)
 
 
 def describe_sizes(config: Any, steps_per_epoch: int, num_steps: int) -> str:

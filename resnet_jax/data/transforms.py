@@ -14,7 +14,7 @@ Images whose size differs from image_size are resized (bilinear, antialiased, as
 least image_size pixels wide (PIL `Image.draft`): decoding dominates input cost on ImageNet-sized photos.
 
 A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
-next decodable example in its place (`stream.ReplaceUndecodable`); in eval it becomes a zero row with mask 0.
+next decodable example in its place (`stream.TrainBatches`); in eval it becomes a zero row with mask 0.
 
 `resize_and_center_crop`, `normalize`, `composite_alpha` and the ImageNet statistics are also what
 `resnet_jax.predict` uses, so a prediction sees exactly the evaluation's pixels. Transparent pixels are
