@@ -9,6 +9,10 @@ grain, quality 90) in 4 classes in a temporary folder, then times on the same fi
 - torchvision: `ImageFolder` + `DataLoader` with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor,
   Normalize (ImageNet statistics), the same batch size and worker counts (0 = in process); torch runs with one
   intra-op thread, as its DataLoader workers do;
+Like with like: with workers, each of our Grain workers decodes with one thread, as a DataLoader worker does
+(`stream.decoding_threads`), so W workers are W decoding cores on both sides and the training process does
+no decoding. In process, ours decodes with up to one thread per core and torchvision with one: compare their
+images per CPU-second there, not their wall rates.
 - tf.data (only where TensorFlow is installed; it is not a dependency): `decode_and_crop_jpeg` with
   `sample_distorted_bounding_box` (the Flax/TPU reference recipe), flip, normalize, batch, AUTOTUNE parallelism.
 Then the same, in process, on `--num_large_images` camera-sized 1600x1200 JPEGs.

@@ -5,8 +5,9 @@
 Generates photo-like JPEGs (as `input_pipeline.py` does), then times each stage of the training transform
 alone, in one thread, with `time.process_time()` (CPU time, so other jobs on a shared machine matter less):
 file read, header parse, crop box, JPEG draft + decode, crop + resize, flip, float conversion + normalization,
-batch copy (float32 and uint8). Then the whole pipeline in this process (Grain with 1 and 16 read threads) and a
-plain loop over the same transform: their difference is Grain's per-record overhead and thread cost. Prints
+batch copy (float32 and uint8). Then the whole pipeline in this process (`create_train_iterator` with 1 and 16
+read threads) and a plain loop over the same transform: their difference is the pipeline's per-record
+overhead and thread cost. Prints
 milliseconds per image (median of `--repeats`) and images per CPU-second.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from input_pipeline import (  # noqa: E402
+    close,
     cpu_seconds,
     folder_config,
     make_photo_folder,
@@ -82,6 +84,7 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
     flipped = [crop[:, ::-1] for crop in crops]
     resized = [Image.fromarray(crop) for crop in crops]
     shuffled = grain.MapDataset.range(count).shuffle(seed=0)
+    order = stream.EpochOrder(count, seed=0)
     normalized = [
         transforms.normalize(f, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) for f in flipped
     ]
@@ -108,7 +111,8 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         "float32 conversion + normalize": lambda i: transforms.normalize(
             flipped[i], transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
         ),
-        "shuffled index (Grain's index_shuffle)": lambda i: shuffled[i],
+        "shuffled index (Grain's index_shuffle, before issue 13)": lambda i: shuffled[i],
+        "shuffled index (stream.EpochOrder, cached permutation)": lambda i: order[i],
         "batch copy, float32 (np.stack / 32)": lambda i: (
             np.stack(normalized[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
         ),
@@ -162,12 +166,15 @@ def pipeline_rate(root: str, num_read_threads: int, batches: int, uint8_images: 
         seed=0,
         uint8_images=uint8_images,
     )
-    for _ in range(2 + read_ahead_batches("ours", 0, BATCH_SIZE)):
-        next(iterator)
-    start = cpu_seconds()
-    for _ in range(batches):
-        next(iterator)
-    return batches * BATCH_SIZE / (cpu_seconds() - start)
+    try:
+        for _ in range(2 + read_ahead_batches("ours", 0, BATCH_SIZE)):
+            next(iterator)
+        start = cpu_seconds()
+        for _ in range(batches):
+            next(iterator)
+        return batches * BATCH_SIZE / (cpu_seconds() - start)
+    finally:
+        close(iterator)  # its read-ahead threads must not outlive the temporary folder
 
 
 def plain_loop_rate(paths: list[str], count: int) -> float:

@@ -82,7 +82,7 @@ def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     config.folder_val_fraction = 0.1  # "folder:" without val/: share held out by path hash
     config.max_bad_image_fraction = 0.01  # "folder:": fail if more images than this are unreadable
     config.num_workers = 0  # Grain worker processes; 0 = in the main process
-    config.num_read_threads = 16  # Grain threads reading records
+    config.num_read_threads = 16  # decoding threads in process (capped at the cores); 1 per worker
     config.prefetch_buffer_size = 500  # records read ahead per process
     config.worker_buffer_size = 2  # batches each Grain worker keeps ready
 

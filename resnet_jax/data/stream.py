@@ -215,16 +215,23 @@ def loader_options(config: Any) -> dict[str, Any]:
 
 
 def decoding_threads(num_read_threads: int, num_workers: int) -> int:
-    """Threads that decode batches in each decoding process: `num_read_threads`, at most the cores per process.
+    """Threads that decode batches in each decoding process.
 
-    Decoding is CPU-bound and each thread builds a whole batch, so threads beyond the cores this process may
-    use only add GIL hand-offs, context switches and batches held in memory (measured in
-    benchmarks/README.md: 16 threads on 2 cores cost a quarter more CPU per image than 1 or 2).
+    In process (no workers): `num_read_threads`, at most the cores this process may use: decoding is
+    CPU-bound and each thread builds a whole batch, so more threads only add GIL hand-offs, context
+    switches and batches held in memory (measured in benchmarks/README.md: 16 threads on 2 cores cost a
+    quarter more CPU per image than 1 or 2). With worker processes: one thread each, as a PyTorch
+    DataLoader worker: `num_workers` is then the number of cores given to decoding, so the training
+    process keeps its own core for the step and the transfers, and images/s grows with the workers (two
+    threads in one worker already filled both cores of a 2-core machine, so a second worker added only a
+    quarter).
     """
+    if num_workers > 0:
+        return 1
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
-    return max(1, min(num_read_threads, cores // max(num_workers, 1)))
+    return max(1, min(num_read_threads, cores))
 
 
 def iterate_batches(
