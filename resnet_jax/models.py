@@ -29,6 +29,7 @@ from resnet_jax.layers import (
     pool_and_classify,
 )
 from resnet_jax.models_v2 import PreActResNet
+from resnet_jax.pooling import MaxPool, default_max_pool, flax_max_pool
 
 ModuleDef = Any
 Dtype = Any
@@ -146,6 +147,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None  # sync BN statistics over this mapped axis (e.g. "data")
     bn_frozen: bool = False  # always normalize with the running statistics, even when training
     conv: ModuleDef = nn.Conv
+    max_pool: MaxPool = flax_max_pool  # create_model: resnet_jax.pooling.default_max_pool()
     act: Callable = nn.relu
     in_channels: int = 3
 
@@ -207,8 +209,8 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(self.stage_widths[0], (7, 7), (2, 2), pad(3), name="stem_conv")(x)
             x = self.act(norm(name="stem_bn")(x))
-            # reduce_window pads with -inf, as torch's max_pool2d does.
-            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+            # Padded with -inf, as torch's max_pool2d pads.
+            return self.max_pool(x, 3, 2, 1)
         if self.stem == "deep":
             # ResNet-C/D: three 3x3 convs (32, 32, 64 channels for 64) replace the 7x7, as timm's stem_type="deep".
             width = self.stage_widths[0]
@@ -218,7 +220,7 @@ class ResNet(nn.Module):
             x = self.act(norm(name="stem_bn2")(x))
             x = conv(width, (3, 3), (1, 1), pad(1), name="stem_conv3")(x)
             x = self.act(norm(name="stem_bn")(x))
-            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+            return self.max_pool(x, 3, 2, 1)
         if self.stem == "cifar":
             x = conv(self.stage_widths[0], (3, 3), (1, 1), pad(1), name="stem_conv")(x)
             return self.act(norm(name="stem_bn")(x))
@@ -336,7 +338,8 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> Network:
       **options: any field of the network: `dtype` (compute dtype, e.g. jnp.bfloat16; params and norm
         statistics stay float32), `zero_init_residual`, `bn_axis_name` (sync BN over a mapped axis),
         `bn_frozen`, `conv` (another conv implementation with the same HWIO kernels; default:
-        `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `act`;
+        `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `max_pool`
+        (default: `resnet_jax.pooling.default_max_pool()`, same values, a cheaper gradient on CPU), `act`;
         `dropout_rate` for the pre-activation nets (e.g. 0.3 for wide_resnet28_10).
     """
     if name not in MODELS:
@@ -350,4 +353,5 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> Network:
     # XLA:CPU's convolutions are several times slower than the same math as matmuls in a ResNet train
     # step (benchmarks/README.md); the parameters are identical either way.
     options.setdefault("conv", default_conv())
+    options.setdefault("max_pool", default_max_pool())
     return MODELS[name](num_classes=num_classes, **options)

@@ -26,6 +26,7 @@ from resnet_jax.layers import (
     pool_and_classify,
     weight_standardized,
 )
+from resnet_jax.pooling import MaxPool, flax_max_pool
 
 ModuleDef = Any
 Dtype = Any
@@ -116,6 +117,7 @@ class PreActResNet(nn.Module):
     bn_axis_name: str | None = None  # sync BN statistics over this mapped axis (e.g. "data")
     bn_frozen: bool = False  # always normalize with the running statistics, even when training
     conv: ModuleDef = nn.Conv
+    max_pool: MaxPool = flax_max_pool  # create_model: resnet_jax.pooling.default_max_pool()
     act: Callable = nn.relu
     in_channels: int = 3
 
@@ -146,9 +148,9 @@ class PreActResNet(nn.Module):
             if self.stem == "bit":
                 # BiT pads with zeros, then pools without padding (timm's stem_type="fixed").
                 x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+                x = self.max_pool(x, 3, 2, 0)
             else:
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(1))
+                x = self.max_pool(x, 3, 2, 1)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet', 'bit' or 'cifar'")
         outputs["stem"] = x
