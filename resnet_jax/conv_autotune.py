@@ -4,8 +4,8 @@ Which of the equivalent forms of `resnet_jax.conv` is fastest depends on the CPU
 cores) and on the shape: thresholds measured on one CPU did not carry to another. So, like cuDNN's autotuning,
 `choose_form` times each candidate's forward + gradients for the exact (input shape, kernel shape, strides,
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
-model, core count and jax version. Shapes are static under `jit`, so the choice happens at trace time; the
-timing runs in a separate thread, outside the caller's trace.
+model, core count, jax version and the forms' revision (`FORMS_REVISION`). Shapes are static under `jit`, so the
+choice happens at trace time; the timing runs in a separate thread, outside the caller's trace.
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
@@ -47,6 +47,9 @@ CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
 # 7.5e7) stay below, so its first run does not pay for timing; resnet18's at 32 px, batch 32 (1.5e8), are
 # timed, where Winograd beat the static im2col choice 2x at 8x8 maps.
 MIN_TUNED_FLOPS = 1e8
+# Part of the cache file's name: bump it when a form's implementation changes (the 1x1/im2col matmul became a
+# 2-D dot in revision 2), so that choices timed for the old code are measured again rather than reused.
+FORMS_REVISION = 2
 # Timing rounds per candidate (alternating, median); a candidate slower than PRUNE_FACTOR x the best after its
 # first round is dropped.
 ROUNDS = 3
@@ -89,7 +92,7 @@ def cache_path() -> str:
         os.path.expanduser("~"), ".cache", "resnet_jax"
     )
     slug = re.sub(r"[^A-Za-z0-9]+", "_", cpu_description()).strip("_")
-    return os.path.join(directory, f"conv_forms_{slug}_jax{jax.__version__}.json")
+    return os.path.join(directory, f"conv_forms_r{FORMS_REVISION}_{slug}_jax{jax.__version__}.json")
 
 
 def _read_cache(path: str) -> dict:

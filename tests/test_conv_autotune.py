@@ -85,10 +85,11 @@ def test_a_pinned_form_applies_where_it_can_and_the_rule_elsewhere(monkeypatch):
         conv.select_form(*strided)
 
 
-def test_cache_is_keyed_by_cpu_and_jax_version(monkeypatch, tmp_path):
+def test_cache_is_keyed_by_cpu_jax_version_and_forms_revision(monkeypatch, tmp_path):
     monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
     name = os.path.basename(conv_autotune.cache_path())
     assert jax.__version__ in name and str(os.cpu_count()) in name
+    assert f"_r{conv_autotune.FORMS_REVISION}_" in name
 
 
 def test_unset_means_auto_even_under_pytest(monkeypatch):
