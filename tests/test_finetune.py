@@ -326,11 +326,27 @@ def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
     np.testing.assert_allclose(model.apply(variables, images), expected, rtol=1e-4, atol=1e-4)
 
 
+# The paper's 6n+2-layer CIFAR net with n = 1 (3 basic blocks, a third of cifar_resnet20's convs): the trainer
+# test below compiles three train steps and their evals, so the net's size is its run time. Not a library
+# name: `tiny_trainer_model` adds it to the model table for a test's duration.
+TINY_TRAINER_MODEL = "cifar_resnet8"
+
+
+@pytest.fixture
+def tiny_trainer_model(monkeypatch):
+    from resnet_jax import models
+
+    monkeypatch.setitem(models.MODELS, TINY_TRAINER_MODEL, models.cifar_resnet(8))
+    # XLA's own conv compiles faster than the CPU matmul forms (as in test_segmentation_training.py); the forms'
+    # equivalence is tested in test_conv*.py, this test checks what the trainer restores, freezes and trains.
+    monkeypatch.setenv("RESNET_JAX_CONV_FORM", "lax")
+
+
 def _tiny_training_config(**overrides) -> ml_collections.ConfigDict:
 
     config = config_lib.base_config()
     defaults = dict(
-        model="cifar_resnet20",
+        model=TINY_TRAINER_MODEL,
         dataset="digits",
         image_size=8,
         batch_size=32,
@@ -345,7 +361,7 @@ def _tiny_training_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def test_trainer_linear_probe_from_init_from_changes_only_the_head(tmp_path):
+def test_trainer_linear_probe_from_init_from_changes_only_the_head(tmp_path, tiny_trainer_model):
     """train_and_evaluate with config.init_from: the restored backbone and its statistics stay bit-identical."""
     from resnet_jax import training
     from resnet_jax.checkpoint import load_variables
