@@ -88,17 +88,13 @@ def draft_jpeg(
 ) -> tuple[float, float]:
     """Lets a not yet decoded JPEG decode at a reduced size >= the requested full-image size.
 
-    Returns the (x, y) scale applied: exactly 1/8, 1/4 or 1/2 (the DCT scale: decoded pixel x covers
-    full-size pixels [x / scale, (x + 1) / scale), also in a last partial block, so the decoded size / the
-    full size, e.g. 188 / 375, would shift a box by up to a pixel); 1.0 for anything else (PNG, arrays,
-    already decoded images).
-    """
+    Returns the (x, y) scale applied: the exact DCT scale (not decoded / full size: 188 / 375 would shift a
+    box by up to a pixel); 1.0 for anything else (PNG, arrays, already decoded images)."""
     width, height = image.size
     if image.format == "JPEG" and requested_width < width and requested_height < height:
         drafted = image.draft("RGB", (math.ceil(requested_width), math.ceil(requested_height)))
-        if drafted is not None:
-            _, (_, _, scaled_width, scaled_height) = drafted
-            return scaled_width / width, scaled_height / height
+        if drafted is not None:  # (mode, box): box is the full size times the exact DCT scale
+            return drafted[1][2] / width, drafted[1][3] / height
     return image.size[0] / width, image.size[1] / height
 
 
