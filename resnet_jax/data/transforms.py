@@ -343,7 +343,7 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
             decoded = self.decode(element["image"], rng)
             label = np.int32(element["label"])
             if self.resize_later:
-                # Grain reuses `rng` for the next record once this returns: the second half gets a copy.
+                # The stream reuses `rng` for the next record once this returns: the second half gets a copy.
                 return {"decoded": decoded, "rng": copy.deepcopy(rng), "label": label}
             return {"image": self.finish(decoded, self.image_size, rng), "label": label}
         except UNDECODABLE_IMAGE_ERRORS as e:
