@@ -118,7 +118,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def random_resized_crop_source(
     raw: Any, image_size: int, rng: np.random.Generator
-) -> tuple[Any, Any]:
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """The record's image (drafted, still lazy) and its random-resized crop's box: what `resize` takes."""
     image = decode_image(raw)
     return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
