@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from resnet_jax import models_v2
+from resnet_jax.batch_norm import default_batch_norm
 from resnet_jax.conv import default_conv
 from resnet_jax.layers import (
     SqueezeExcite,
@@ -148,6 +149,7 @@ class ResNet(nn.Module):
     bn_frozen: bool = False  # always normalize with the running statistics, even when training
     conv: ModuleDef = nn.Conv
     max_pool: MaxPool = flax_max_pool  # create_model: resnet_jax.pooling.default_max_pool()
+    batch_norm: ModuleDef = nn.BatchNorm  # create_model: resnet_jax.batch_norm.default_batch_norm()
     act: Callable = nn.relu
     in_channels: int = 3
 
@@ -195,7 +197,7 @@ class ResNet(nn.Module):
         # BN momentum 0.9 here is torch's momentum=0.1: flax weights the old statistic, torch the new one.
         # Statistics and the normalization stay in float32 whatever the compute dtype.
         return functools.partial(
-            nn.BatchNorm,
+            self.batch_norm,
             use_running_average=not train or self.bn_frozen,
             momentum=0.9,
             epsilon=1e-5,
@@ -339,7 +341,9 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> Network:
         statistics stay float32), `zero_init_residual`, `bn_axis_name` (sync BN over a mapped axis),
         `bn_frozen`, `conv` (another conv implementation with the same HWIO kernels; default:
         `resnet_jax.conv.default_conv()`, the matmul forms on CPU and `nn.Conv` elsewhere), `max_pool`
-        (default: `resnet_jax.pooling.default_max_pool()`, same values, a cheaper gradient on CPU), `act`;
+        (default: `resnet_jax.pooling.default_max_pool()`, same values, a cheaper gradient on CPU),
+        `batch_norm` (default: `resnet_jax.batch_norm.default_batch_norm()`, nn.BatchNorm's variables and
+        values, a closed-form backward on CPU), `act`;
         `dropout_rate` for the pre-activation nets (e.g. 0.3 for wide_resnet28_10).
     """
     if name not in MODELS:
@@ -354,4 +358,5 @@ def create_model(name: str, num_classes: int = 1000, **options: Any) -> Network:
     # step (benchmarks/README.md); the parameters are identical either way.
     options.setdefault("conv", default_conv())
     options.setdefault("max_pool", default_max_pool())
+    options.setdefault("batch_norm", default_batch_norm())
     return MODELS[name](num_classes=num_classes, **options)

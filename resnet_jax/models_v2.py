@@ -118,6 +118,7 @@ class PreActResNet(nn.Module):
     bn_frozen: bool = False  # always normalize with the running statistics, even when training
     conv: ModuleDef = nn.Conv
     max_pool: MaxPool = flax_max_pool  # create_model: resnet_jax.pooling.default_max_pool()
+    batch_norm: ModuleDef = nn.BatchNorm  # create_model: resnet_jax.batch_norm.default_batch_norm()
     act: Callable = nn.relu
     in_channels: int = 3
 
@@ -190,7 +191,7 @@ class PreActResNet(nn.Module):
         if self.norm == "batch":
             # momentum 0.9 here is torch's momentum=0.1 (models.ResNet says why).
             return functools.partial(
-                nn.BatchNorm,
+                self.batch_norm,
                 use_running_average=not train or self.bn_frozen,
                 momentum=0.9,
                 epsilon=1e-5,
