@@ -16,6 +16,9 @@ gives XLA exactly that (resnet50 at 128 px, batch 16: +3% images/s, benchmarks/R
 (sync BN), the statistics are averaged over the devices in the forward pass and the two sums are summed over
 them in the backward pass, which is what autodiff of the averaged statistics gives; on a one-device axis both
 collectives are skipped (XLA:CPU runs them as real all-reduces).
+
+A `custom_vjp` has no forward-mode derivative: for `jax.jvp`/`jax.jacfwd` through a model in training mode (e.g.
+Hessian-vector products) build it with `batch_norm=nn.BatchNorm`.
 """
 
 from __future__ import annotations
