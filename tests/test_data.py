@@ -22,6 +22,7 @@ from resnet_jax.data import (
     dataset_info,
     dataset_spec,
     folder,
+    jpeg,
     num_eval_batches,
     sources,
     stream,
@@ -443,14 +444,14 @@ def test_jpeg_decoded_at_reduced_size_stays_close_to_full_decode():
     # A smooth photo-like image: draft (DCT-domain downscaling) then resize ~ full decode then resize.
     y, x = np.mgrid[0:600, 0:800]
     array = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1).astype(np.uint8)
-    jpeg = io.BytesIO()
-    Image.fromarray(array).save(jpeg, format="JPEG", quality=95)
-    drafted = transforms.eval_crop_imagenet(jpeg.getvalue(), image_size=64)
-    full = transforms.eval_crop_imagenet(np.asarray(Image.open(jpeg)), image_size=64)
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="JPEG", quality=95)
+    drafted = transforms.eval_crop_imagenet(encoded.getvalue(), image_size=64)
+    full = transforms.eval_crop_imagenet(np.asarray(Image.open(encoded)), image_size=64)
     assert drafted.shape == full.shape == (64, 64, 3)
     assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 2.0
-    image = Image.open(io.BytesIO(jpeg.getvalue()))
-    transforms.draft_jpeg(image, 73, 73)
+    image = Image.open(io.BytesIO(encoded.getvalue()))
+    jpeg.draft_jpeg(image, 73, 73)
     assert image.size == (100, 75)  # decoded at 1/8 scale
 
 

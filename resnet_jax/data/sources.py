@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_rgb
+from resnet_jax.data.jpeg import decode_image
+from resnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 
 # Per-channel mean/std (of pixel/255 over the train split) of TFDS datasets whose statistics are standard;
 # any other dataset has them estimated from a sample of its train split.

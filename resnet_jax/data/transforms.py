@@ -11,7 +11,8 @@ uint8 space, up to its rounding). The ImageNet eval resizes to int(image_size / 
 center crop (config.eval_crop_fraction, 224/256 by default); eval may run at its own size (FixRes).
 Images whose size differs from image_size are resized (bilinear, antialiased, as torchvision's PIL path) for
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
-least image_size pixels wide (PIL `Image.draft`): decoding dominates input cost on ImageNet-sized photos.
+least image_size pixels wide: decoding dominates input cost on ImageNet-sized photos. The training crop decodes
+with simplejpeg where it is installed and with PIL's `Image.draft` where not, to the same pixels (`jpeg`).
 
 A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
 next decodable example in its place (`stream.TrainBatches`); in eval it becomes a zero row with mask 0.
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
-import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from absl import logging
 from PIL import Image
 
 from resnet_jax.config import AUGMENTS
+from resnet_jax.data import jpeg
 from resnet_jax.data.augment import (  # the crops live with the other augmentations
     AUTO_AUGMENT_POLICIES,
     RAND_AUGMENT_MAGNITUDE,
@@ -50,6 +50,7 @@ from resnet_jax.data.augment import (  # the crops live with the other augmentat
     random_erasing,
     random_resized_crop_box,
 )
+from resnet_jax.data.jpeg import decode_image, draft_jpeg
 
 # What decoding a bad file raises (PIL: OSError incl. UnidentifiedImageError and truncated data, SyntaxError,
 # DecompressionBombError; zlib/struct errors from damaged PNG chunks). A bug in our own preprocessing (a
@@ -73,31 +74,6 @@ EVAL_CROP_FRACTION = 224 / 256
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-def decode_image(image: Any) -> Image.Image:
-    """A lazily decoded PIL image from a record's 'image' (ndarray, encoded bytes or a PIL image)."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        # PIL has no mode for (H, W, 1): such a grey image is (H, W) to it.
-        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
-    return Image.open(io.BytesIO(bytes(image)))
-
-
-def draft_jpeg(
-    image: Image.Image, requested_width: float, requested_height: float
-) -> tuple[float, float]:
-    """Lets a not yet decoded JPEG decode at a reduced size >= the requested full-image size.
-
-    Returns the (x, y) scale applied: the exact DCT scale (not decoded / full size: 188 / 375 would shift a
-    box by up to a pixel); 1.0 for anything else (PNG, arrays, already decoded images)."""
-    width, height = image.size
-    if image.format == "JPEG" and requested_width < width and requested_height < height:
-        drafted = image.draft("RGB", (math.ceil(requested_width), math.ceil(requested_height)))
-        if drafted is not None:  # (mode, box): box is the full size times the exact DCT scale
-            return drafted[1][2] / width, drafted[1][3] / height
-    return image.size[0] / width, image.size[1] / height
-
-
 def composite_alpha(
     image: Image.Image, background: Sequence[int] = ALPHA_BACKGROUND
 ) -> Image.Image:
@@ -119,9 +95,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def random_resized_crop_source(
     raw: Any, image_size: int, rng: np.random.Generator
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """The record's image (drafted, still lazy) and its random-resized crop's box: what `resize` takes."""
-    image = decode_image(raw)
-    return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
+    """The record's image (decoded at a reduced DCT scale where the crop allows, or drafted and still lazy)
+    and its random-resized crop's box in that image's pixels: what `resize` takes."""
+    size = jpeg.simplejpeg_size(raw)
+    if size is None:
+        image = decode_image(raw)
+        return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
+    left, top, crop_width, crop_height = random_resized_crop_box(*size, rng)
+    width, height = size
+    requested = (width * image_size / crop_width, height * image_size / crop_height)
+    image, scale = jpeg.decode_scaled(raw, size, *requested)
+    return image, (
+        left * scale,
+        top * scale,
+        (left + crop_width) * scale,
+        (top + crop_height) * scale,
+    )
 
 
 def drafted_crop_box(
