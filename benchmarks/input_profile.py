@@ -37,7 +37,7 @@ from input_pipeline import (  # noqa: E402
     read_ahead_batches,
 )
 
-from resnet_jax.data import create_train_iterator, folder, stream, transforms  # noqa: E402
+from resnet_jax.data import create_train_iterator, folder, jpeg, stream, transforms  # noqa: E402
 
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
@@ -69,7 +69,7 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
 
     def drafted(i: int) -> tuple[Image.Image, tuple[float, ...]]:
         image = opened(i)
-        return image, transforms.drafted_crop_box(image, boxes[i], IMAGE_SIZE)
+        return image, jpeg.drafted_crop_box(image, boxes[i], IMAGE_SIZE)
 
     def decoded(i: int) -> tuple[Image.Image, tuple[float, ...]]:
         image, box = drafted(i)

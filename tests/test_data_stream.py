@@ -6,7 +6,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from resnet_jax.data import sources, stream, transforms
+from resnet_jax.data import jpeg, sources, stream, transforms
 
 
 def test_epoch_order_is_a_fixed_function_of_seed_and_epoch_only():
@@ -51,13 +51,13 @@ def test_a_drafted_crop_box_maps_with_the_exact_dct_scale_and_matches_a_full_dec
     # 375 rows at 1/2 scale decode to 188 rows: the box must map with 1/2, not 188 / 375.
     y, x = np.mgrid[0:375, 0:500]
     array = np.stack([x * 255 // 500, y * 255 // 375, (x + y) * 255 // 875], -1).astype(np.uint8)
-    jpeg = io.BytesIO()
-    Image.fromarray(array).save(jpeg, format="JPEG", quality=95)
-    image = Image.open(io.BytesIO(jpeg.getvalue()))
-    box = transforms.drafted_crop_box(image, (10, 101, 480, 270), image_size=100)
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="JPEG", quality=95)
+    image = Image.open(io.BytesIO(encoded.getvalue()))
+    box = jpeg.drafted_crop_box(image, (10, 101, 480, 270), image_size=100)
     assert image.size == (250, 188)  # decoded at 1/2: the crop is >= 2 * 100 wide and high
     assert box == (5.0, 50.5, 245.0, 185.5)
     drafted = np.asarray(image.convert("RGB").resize((100, 100), Image.BILINEAR, box=box), int)
-    full = Image.open(io.BytesIO(jpeg.getvalue())).convert("RGB")
+    full = Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")
     exact = np.asarray(full.resize((100, 100), Image.BILINEAR, box=(10, 101, 490, 371)), int)
     assert np.abs(drafted - exact).mean() < 1.0

@@ -1,4 +1,4 @@
-"""JPEG decoding: simplejpeg and the Pillow fallback give the same training crops (same boxes, same pixels)."""
+"""JPEG decoding: simplejpeg and the Pillow fallback give the same crops (same boxes and scales, same pixels)."""
 
 import io
 import logging
@@ -85,6 +85,21 @@ def test_simplejpeg_and_pillow_fallback_give_the_same_training_crops(kind, monke
         assert pixels.shape == fallback_pixels.shape == (224, 224, 3)
         diff = np.abs(pixels.astype(int) - fallback_pixels.astype(int))
         assert diff.mean() <= MEAN_ABS_DIFF_TOLERANCE, (kind, seed, diff.mean())
+
+
+@requires_simplejpeg
+@pytest.mark.parametrize("kind", list(_files()))
+def test_simplejpeg_and_pillow_fallback_give_the_same_eval_crops(kind, monkeypatch):
+    raw = _files()[kind]
+    for image_size, crop_fraction in [(224, 224 / 256), (64, 0.875), (160, 1.0)]:
+
+        def crop(image_size=image_size, crop_fraction=crop_fraction):
+            return transforms.eval_crop_imagenet(raw, image_size, crop_fraction)
+
+        pixels, fallback_pixels = crop(), _with_pillow_only(monkeypatch, crop)
+        assert pixels.shape == fallback_pixels.shape == (image_size, image_size, 3)
+        diff = np.abs(pixels.astype(int) - fallback_pixels.astype(int))
+        assert diff.mean() <= MEAN_ABS_DIFF_TOLERANCE, (kind, image_size, diff.mean())
 
 
 @requires_simplejpeg

@@ -68,6 +68,17 @@ def draft_jpeg(
     return image.size[0] / width, image.size[1] / height
 
 
+def drafted_crop_box(
+    image: Image.Image, box: tuple[int, int, int, int], image_size: int
+) -> tuple[float, float, float, float]:
+    """Drafts `image` (a lazy JPEG) to the smallest DCT scale leaving `box` (left, top, width, height in its
+    full-size pixels) >= image_size wide, and returns the box as (left, top, right, bottom) in drafted pixels."""
+    width, height = image.size
+    left, top, crop_width, crop_height = box
+    sx, sy = draft_jpeg(image, width * image_size / crop_width, height * image_size / crop_height)
+    return (left * sx, top * sy, (left + crop_width) * sx, (top + crop_height) * sy)
+
+
 def simplejpeg_size(raw: Any) -> tuple[int, int] | None:
     """(width, height) of a JPEG that `decode_scaled` decodes with simplejpeg; None for Pillow's path."""
     if simplejpeg is None or not isinstance(raw, bytes) or not raw.startswith(JPEG_SIGNATURE):

@@ -50,7 +50,7 @@ from resnet_jax.data.augment import (  # the crops live with the other augmentat
     random_erasing,
     random_resized_crop_box,
 )
-from resnet_jax.data.jpeg import decode_image, draft_jpeg
+from resnet_jax.data.jpeg import decode_image, draft_jpeg, drafted_crop_box
 
 # What decoding a bad file raises (PIL: OSError incl. UnidentifiedImageError and truncated data, SyntaxError,
 # DecompressionBombError; zlib/struct errors from damaged PNG chunks). A bug in our own preprocessing (a
@@ -113,21 +113,22 @@ def random_resized_crop_source(
     )
 
 
-def drafted_crop_box(
-    image: Image.Image, box: tuple[int, int, int, int], image_size: int
-) -> tuple[float, float, float, float]:
-    """Drafts `image` (a lazy JPEG) to the smallest DCT scale leaving `box` (left, top, width, height in its
-    full-size pixels) >= image_size wide, and returns the box as (left, top, right, bottom) in drafted pixels."""
-    width, height = image.size
-    left, top, crop_width, crop_height = box
-    sx, sy = draft_jpeg(image, width * image_size / crop_width, height * image_size / crop_height)
-    return (left * sx, top * sy, (left + crop_width) * sx, (top + crop_height) * sy)
-
-
 def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """A random-resized crop of a record's image, as uint8 (image_size, image_size, 3)."""
     image, box = random_resized_crop_source(raw, image_size, rng)
     return np.asarray(to_rgb(image).resize((image_size, image_size), Image.BILINEAR, box=box))
+
+
+def eval_resize_size(
+    width: int, height: int, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION
+) -> tuple[int, int]:
+    """The (width, height) torchvision's `Resize(int(image_size / crop_fraction))` gives a width x height image."""
+    # int() as torchvision, with a tolerance: a fraction written 224 / 232 means 232, not 231.99999.
+    resize_size = int(image_size / crop_fraction + 1e-6)
+    # torchvision Resize(int): the shorter side becomes resize_size, the longer keeps the aspect ratio.
+    if width <= height:
+        return resize_size, int(resize_size * height / width)
+    return int(resize_size * width / height), resize_size
 
 
 def resize_and_center_crop(
@@ -135,22 +136,18 @@ def resize_and_center_crop(
     image_size: int,
     crop_fraction: float = EVAL_CROP_FRACTION,
     mode: str = "RGB",
+    full_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """torchvision's eval transform `Resize(int(image_size / crop_fraction))` + `CenterCrop(image_size)`.
 
     Returns the crop as a uint8 array (image_size, image_size[, channels]) in PIL `mode` ("RGB" or "L").
     A JPEG not yet decoded is decoded at reduced size (`draft_jpeg`), slightly off torchvision's pixels;
-    pass an already decoded image for torchvision's exact result.
+    pass an already decoded image for torchvision's exact result. `full_size`: the image's size before it
+    was decoded at a reduced scale (`jpeg.decode_scaled`), if it was.
     """
-    width, height = image.size
-    # int() as torchvision, with a tolerance: a fraction written 224 / 232 means 232, not 231.99999.
-    resize_size = int(image_size / crop_fraction + 1e-6)
-    # torchvision Resize(int): the shorter side becomes resize_size, the longer keeps the aspect ratio.
-    if width <= height:
-        new_width, new_height = resize_size, int(resize_size * height / width)
-    else:
-        new_width, new_height = int(resize_size * width / height), resize_size
-    draft_jpeg(image, new_width, new_height)
+    new_width, new_height = eval_resize_size(*(full_size or image.size), image_size, crop_fraction)
+    if full_size is None:
+        draft_jpeg(image, new_width, new_height)
     image = composite_alpha(image)
     if image.mode != mode:
         image = image.convert(mode)
@@ -165,7 +162,12 @@ def eval_crop_imagenet(
     raw: Any, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION
 ) -> np.ndarray:
     """The ImageNet eval crop of a record's image, as uint8 (image_size, image_size, 3)."""
-    return resize_and_center_crop(decode_image(raw), image_size, crop_fraction)
+    size = jpeg.simplejpeg_size(raw)
+    if size is None:
+        return resize_and_center_crop(decode_image(raw), image_size, crop_fraction)
+    resized = eval_resize_size(*size, image_size, crop_fraction)
+    image, _ = jpeg.decode_scaled(raw, size, *resized)
+    return resize_and_center_crop(image, image_size, crop_fraction, full_size=size)
 
 
 def whole_image(raw: Any, image_size: int) -> np.ndarray:
