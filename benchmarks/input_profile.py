@@ -4,7 +4,8 @@
 
 Generates photo-like JPEGs (as `input_pipeline.py` does), then times each stage of the training transform
 alone, in one thread, with `time.process_time()` (CPU time, so other jobs on a shared machine matter less):
-file read, header parse, crop box, JPEG draft + decode, crop + resize, flip, float conversion + normalization,
+file read, header parse, crop box, JPEG decode (Pillow's draft, and simplejpeg where installed: the pipeline's
+default), crop + resize, flip, float conversion + normalization,
 batch copy (float32 and uint8). Then the whole pipeline in this process (`create_train_iterator` with 1 and 16
 read threads) and a plain loop over the same transform: their difference is the pipeline's per-record
 overhead and thread cost. Prints
@@ -76,6 +77,13 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         image.load()
         return image, box
 
+    def simplejpeg_decoded(i: int) -> tuple[Image.Image, float]:
+        width, height = sizes[i]
+        _, _, crop_width, crop_height = boxes[i]
+        requested = (width * IMAGE_SIZE / crop_width, height * IMAGE_SIZE / crop_height)
+        return jpeg.decode_scaled(data[i], sizes[i], *requested)
+
+    sizes = [jpeg.simplejpeg_size(raw) for raw in data]
     decoded_images = [decoded(i) for i in range(count)]
     crops = [
         transforms.train_crop_imagenet(raw, IMAGE_SIZE, np.random.default_rng(i))
@@ -99,7 +107,8 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         "crop box (random_resized_crop_box)": lambda i: transforms.random_resized_crop_box(
             500, 375, rng
         ),
-        "JPEG draft + decode (load)": decoded,
+        "JPEG Pillow draft + decode (load; the fallback)": decoded,
+        "JPEG header + decode, simplejpeg (RGBX mapped as RGB; the default)": simplejpeg_decoded,
         "crop + resize to 224 (PIL, box)": lambda i: decoded_images[i][0].resize(
             (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=decoded_images[i][1]
         ),
@@ -120,9 +129,12 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
             np.stack(crops[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
         ),
     }
-    # Decoding includes parsing the header and drafting, so subtract what it contains.
+    if jpeg.simplejpeg is None:
+        del cumulative["JPEG header + decode, simplejpeg (RGBX mapped as RGB; the default)"]
     results = {name: per_image_ms(stage, count, repeats) for name, stage in cumulative.items()}
-    results["JPEG draft + decode (load)"] -= results["header parse (Image.open from bytes)"]
+    # Pillow's decoding includes parsing the header and drafting, so subtract what it contains.
+    pillow_decode = "JPEG Pillow draft + decode (load; the fallback)"
+    results[pillow_decode] -= results["header parse (Image.open from bytes)"]
     results["whole transform (TrainPreprocess.random_map, no file read)"] = per_image_ms(
         lambda i: preprocess.random_map({"image": data[i], "label": 0}, np.random.default_rng(i)),
         count,
@@ -199,7 +211,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     args = parser.parse_args()
     size = tuple(int(side) for side in args.size.split("x"))
-    print(f"load average at start: {os.getloadavg()}")
+    print(
+        f"load average at start: {os.getloadavg()}; simplejpeg installed: {jpeg.simplejpeg is not None}"
+    )
     with tempfile.TemporaryDirectory() as root:
         make_photo_folder(root, args.num_images, size=size)
         index = folder.index_folder(root, val_fraction=0.25)
