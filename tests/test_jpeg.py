@@ -2,6 +2,9 @@
 
 import io
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,3 +179,13 @@ def test_a_truncated_jpeg_is_reported_by_path_on_either_path(
         element = {"image": truncated, "label": 0, "path": "/data/cat/truncated.jpg"}
         assert _preprocess().random_map(element, np.random.default_rng(0)) is None
     assert "Skipping undecodable image /data/cat/truncated.jpg" in caplog.text
+
+
+def test_an_environment_variable_selects_the_pillow_fallback():
+    code = "from resnet_jax.data import jpeg; print(jpeg.simplejpeg is None)"
+    env = {**os.environ, "RESNET_JAX_JPEG_DECODER": "pillow"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "True", result.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,10 @@ from PIL import Image
 try:
     import simplejpeg
 except ImportError:  # the Pillow path below is the tested fallback
+    simplejpeg = None
+# RESNET_JAX_JPEG_DECODER=pillow takes the fallback with simplejpeg installed (to compare the two; worker
+# processes inherit it).
+if os.environ.get("RESNET_JAX_JPEG_DECODER", "").lower() == "pillow":
     simplejpeg = None
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
