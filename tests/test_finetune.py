@@ -64,6 +64,26 @@ def pretrained_10_class() -> dict:
     return {"params": variables["params"], "batch_stats": batch_stats}
 
 
+# The trainer-step tests below (multipliers, frozen groups, a linear probe's FLOPs) compile a train step per
+# mode and multiplier: they run a cut-down cifar_resnet20 (one block per stage, as its stem, stages, BatchNorms
+# and head) on 8x8 images. What they check (which groups move, by how much, what is differentiated) is the
+# same for any backbone and image size; the full net's parameter paths are checked by the tests above.
+STEP_MODEL_OPTIONS = {"stage_sizes": (1, 1, 1)}
+STEP_IMAGE_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def pretrained_small() -> dict:
+    """The cut-down cifar_resnet20 with 10 classes and batch statistics that are not the initial (0, 1)."""
+    model = create_model("cifar_resnet20", num_classes=10, **STEP_MODEL_OPTIONS)
+    shape = (1, STEP_IMAGE_SIZE, STEP_IMAGE_SIZE, 3)
+    variables = dict(jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape)))
+    batch_stats = jax.tree.map(
+        lambda x: x + jax.random.uniform(jax.random.key(7), x.shape), variables["batch_stats"]
+    )
+    return {"params": variables["params"], "batch_stats": batch_stats}
+
+
 def test_10_class_checkpoint_restores_into_a_2_class_model(tmp_path, pretrained_10_class):
     fresh = init("cifar_resnet20", 2, seed=1)
     save_variables(
@@ -190,9 +210,12 @@ def test_backbone_lr_multiplier_scales_the_backbone_update():
 
 def _finetune_step(mode: str, pretrained: dict, backbone_lr_multiplier: float = 0.5):
     """The trainer's own step (`steps.train_step`, compiled by `DataParallel` on one device) for a 2-class
-    cifar_resnet20 fine-tuned from `pretrained` in `mode`, and its starting state."""
-    model = create_model("cifar_resnet20", num_classes=2, **finetune.model_options(mode))
-    fresh = dict(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))
+    cut-down cifar_resnet20 fine-tuned from `pretrained` in `mode`, and its starting state."""
+    model = create_model(
+        "cifar_resnet20", num_classes=2, **STEP_MODEL_OPTIONS, **finetune.model_options(mode)
+    )
+    shape = (1, STEP_IMAGE_SIZE, STEP_IMAGE_SIZE, 3)
+    fresh = dict(jax.jit(model.init)(jax.random.key(1), jnp.zeros(shape)))
     variables = merge_pretrained(fresh, pretrained)
     labels = finetune.param_groups(variables["params"])
     multipliers = finetune.lr_multipliers(mode, backbone_lr_multiplier)
@@ -218,7 +241,8 @@ def _finetune_step(mode: str, pretrained: dict, backbone_lr_multiplier: float = 
 
 
 def _batch(data_parallel: DataParallel, i: int) -> dict:
-    images = np.asarray(jax.random.normal(jax.random.key(10 + i), (8, 32, 32, 3)))
+    shape = (8, STEP_IMAGE_SIZE, STEP_IMAGE_SIZE, 3)
+    images = np.asarray(jax.random.normal(jax.random.key(10 + i), shape))
     return data_parallel.shard_batch({"image": images, "label": np.arange(8, dtype=np.int32) % 2})
 
 
@@ -231,11 +255,11 @@ def _train(mode: str, pretrained: dict, num_steps: int = 3, **options) -> dict:
     return {"params": end.params, "batch_stats": end.batch_stats, "start": start.variables}
 
 
-def test_backbone_lr_multiplier_reaches_the_trainers_step(pretrained_10_class):
+def test_backbone_lr_multiplier_reaches_the_trainers_step(pretrained_small):
     """One step from the same start: the backbone moves 0.5x as far at multiplier 0.5 as at 1, the head
     the same distance (the first SGD step's update is lr x multiplier x gradient)."""
-    half = _train("frozen_bn", pretrained_10_class, num_steps=1, backbone_lr_multiplier=0.5)
-    full = _train("frozen_bn", pretrained_10_class, num_steps=1, backbone_lr_multiplier=1.0)
+    half = _train("frozen_bn", pretrained_small, num_steps=1, backbone_lr_multiplier=0.5)
+    full = _train("frozen_bn", pretrained_small, num_steps=1, backbone_lr_multiplier=1.0)
     start = half["start"]["params"]
 
     def moved(result, module):
@@ -254,12 +278,12 @@ def test_backbone_lr_multiplier_reaches_the_trainers_step(pretrained_10_class):
     assert relative_error(moved(half, "fc"), moved(full, "fc")) < 1e-3
 
 
-def test_linear_probe_differentiates_only_the_head(pretrained_10_class):
+def test_linear_probe_differentiates_only_the_head(pretrained_small):
     """A linear probe's step must not compute the backbone's gradient only to drop it: its compiled step
     costs a fraction of the full fine-tune's (forward alone is about a third of forward + backward)."""
 
     def flops(mode: str) -> float:
-        step, state, data_parallel = _finetune_step(mode, pretrained_10_class)
+        step, state, data_parallel = _finetune_step(mode, pretrained_small)
         compiled = step.lower(state, _batch(data_parallel, 0)).compile()
         return float(compiled.cost_analysis()["flops"])
 
@@ -267,8 +291,8 @@ def test_linear_probe_differentiates_only_the_head(pretrained_10_class):
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "frozen_bn", "full"])
-def test_finetune_modes_train_exactly_what_they_say(mode, pretrained_10_class):
-    result = _train(mode, pretrained_10_class)
+def test_finetune_modes_train_exactly_what_they_say(mode, pretrained_small):
+    result = _train(mode, pretrained_small)
     start = result["start"]
 
     def backbone(params):
@@ -323,7 +347,9 @@ def test_a_finetuned_training_workdir_exports_to_torchvision(tmp_path):
     images = np.asarray(jax.random.normal(jax.random.key(6), (2, 32, 32, 3)))
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-    np.testing.assert_allclose(model.apply(variables, images), expected, rtol=1e-4, atol=1e-4)
+    # Jitted: op by op, a resnet18 apply dispatches (and compiles) each op on its own, several times slower.
+    logits = jax.jit(model.apply)(variables, images)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 # The paper's 6n+2-layer CIFAR net with n = 1 (3 basic blocks, a third of cifar_resnet20's convs): the trainer
