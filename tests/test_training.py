@@ -35,6 +35,9 @@ def subprocess_env(num_devices: int = 1) -> dict:
         # LLVM -O0: half the compile time of these tiny programs, same semantics.
         XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0",
         JAX_PLATFORMS="cpu",  # the simulated devices are CPU devices, also on a GPU host
+        # The suite's persistent compilation cache (conftest.py), as the other train.py tests use it.
+        JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
 
@@ -63,9 +66,26 @@ def checkpoint_steps(workdir) -> list[int]:
         manager.close()
 
 
-def test_train_py_writes_flat_metrics_exact_eval_and_checkpoints(tmp_path):
-    result = run_cli([f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in TINY.items()])
+# The run the two tests below read: TINY with the peak rate given per 256 examples, a constant schedule and
+# a global batch of 64 given on the command line. One train.py process serves both: what the first test checks
+# (flat metrics, exact eval and test counts, checkpoints) holds for any learning rate, and the second needs a
+# run whose batch size was overridden, with at least two logged steps.
+TINY_SCALED_LR = dict(TINY, learning_rate_per_256=0.4, lr_schedule="constant", batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """train.py on TINY_SCALED_LR: (its workdir, its CompletedProcess)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    result = run_cli(
+        [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in TINY_SCALED_LR.items()]
+    )
     assert result.returncode == 0, result.stderr[-5000:]
+    return workdir, result
+
+
+def test_train_py_writes_flat_metrics_exact_eval_and_checkpoints(tiny_run):
+    tmp_path, _ = tiny_run
     records = read_metrics(tmp_path)
     train_records = [r for r in records if "train_loss" in r]
     eval_records = [r for r in records if "eval_accuracy" in r]
@@ -158,16 +178,12 @@ def test_cli_rejects_a_batch_size_that_does_not_split_over_the_devices(tmp_path)
     )
 
 
-def test_learning_rate_per_256_follows_the_batch_size_given_on_the_command_line(tmp_path):
+def test_learning_rate_per_256_follows_the_batch_size_given_on_the_command_line(tiny_run):
     """The linear scaling rule is applied at run time: overriding batch_size rescales the peak rate."""
-    overrides = dict(TINY, num_train_steps=2, log_every_steps=1, eval_every_steps=2)
-    overrides.update(learning_rate_per_256=0.4, lr_schedule="constant", batch_size=64)
-    result = run_cli(
-        [f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+    tmp_path, result = tiny_run
+    assert "--config.batch_size=64" in result.args  # overridden on the command line
     rates = [r["learning_rate"] for r in read_metrics(tmp_path) if "learning_rate" in r]
-    assert rates == pytest.approx([0.4 * 64 / 256] * 2)
+    assert rates == pytest.approx([0.4 * 64 / 256] * 2)  # steps 3 and 6
     assert "peak learning rate 0.1 = learning_rate_per_256 0.4 x global batch" in result.stderr
 
 
