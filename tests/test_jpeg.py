@@ -189,3 +189,12 @@ def test_an_environment_variable_selects_the_pillow_fallback():
         [sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True
     )
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_a_pillow_without_the_rgb_mapping_falls_back_to_its_own_decoder(monkeypatch):
+    def changed_signature(*args):
+        raise TypeError("map_buffer() takes other arguments")
+
+    assert jpeg._rgb_view_works()
+    monkeypatch.setattr(Image.core, "map_buffer", changed_signature)
+    assert not jpeg._rgb_view_works()  # and then the module sets simplejpeg = None at import

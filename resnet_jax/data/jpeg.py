@@ -144,3 +144,16 @@ def rgb_view(pixels: np.ndarray) -> Image.Image:
     image = Image.new("RGB", (0, 0))._new(mapped)
     image.readonly = 1
     return image
+
+
+def _rgb_view_works() -> bool:
+    """Whether this Pillow maps RGBX memory as RGB as `rgb_view` expects (a private core call)."""
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    try:
+        return np.array_equal(np.asarray(rgb_view(pixels)), pixels[..., :3])
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+if simplejpeg is not None and not _rgb_view_works():
+    simplejpeg = None  # a Pillow whose core changed: its own decoder, as without simplejpeg
