@@ -19,13 +19,14 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from etils import epath
 from flax import traverse_util
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def run_train_py(workdir, overrides: dict) -> subprocess.CompletedProcess:
+def start_train_py(workdir, overrides: dict) -> subprocess.Popen:
     env = dict(
         os.environ,
         # One CPU device (LLVM -O0: half the compile time of these tiny programs, same semantics).
@@ -37,9 +38,18 @@ def run_train_py(workdir, overrides: dict) -> subprocess.CompletedProcess:
     )
     command = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}"]
     command += [f"--config.{key}={value}" for key, value in overrides.items()]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return result
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-5000:]
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -83,24 +93,47 @@ def read_train_state(workdir, step: int, names: tuple[str, ...]) -> dict[str, np
 
 EMA_DECAY = 0.9
 EMA_STEPS = 6
+EMA_RUN = {
+    "image_size": 8,
+    "batch_size": 32,
+    "num_train_steps": EMA_STEPS,
+    "warmup_epochs": 0.0,
+    "learning_rate": 0.1,
+    "ema_decay": EMA_DECAY,
+    "log_every_steps": EMA_STEPS,
+    "eval_every_steps": EMA_STEPS,
+    "checkpoint_every_steps": 1,
+    "checkpoints_to_keep": EMA_STEPS,
+}
+BF16_STEPS, BF16_LOG_EVERY = 20, 5
+BF16_RUN = {
+    "dtype": "bfloat16",
+    "image_size": 8,
+    "batch_size": 32,
+    "num_train_steps": BF16_STEPS,
+    "warmup_epochs": 0.0,
+    "learning_rate": 0.1,
+    "log_every_steps": BF16_LOG_EVERY,
+    "eval_every_steps": BF16_STEPS,
+    "checkpoint_every_steps": BF16_STEPS,
+}
 
 
-def test_ema_is_evaluated_and_follows_its_recurrence_from_the_live_variables(tmp_path):
-    run_train_py(
-        tmp_path,
-        {
-            "image_size": 8,
-            "batch_size": 32,
-            "num_train_steps": EMA_STEPS,
-            "warmup_epochs": 0.0,
-            "learning_rate": 0.1,
-            "ema_decay": EMA_DECAY,
-            "log_every_steps": EMA_STEPS,
-            "eval_every_steps": EMA_STEPS,
-            "checkpoint_every_steps": 1,
-            "checkpoints_to_keep": EMA_STEPS,
-        },
-    )
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory) -> dict:
+    """{"ema": workdir, "bf16": workdir} of the two runs, started together: each uses about one of the
+    two cores CI has, so side by side they take little more than one alone. The runs are independent
+    processes, each reads only its own workdir."""
+    runs = {"ema": EMA_RUN, "bf16": BF16_RUN}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in runs}
+    processes = [start_train_py(dirs[name], overrides) for name, overrides in runs.items()]
+    for process in processes:
+        finish(process)
+    return dirs
+
+
+def test_ema_is_evaluated_and_follows_its_recurrence_from_the_live_variables(workdirs):
+    tmp_path = workdirs["ema"]
     (evaluation,) = [r for r in read_metrics(tmp_path) if "eval_loss" in r]
     assert evaluation["step"] == EMA_STEPS
     for name in ("loss", "accuracy"):
@@ -130,22 +163,8 @@ def test_ema_is_evaluated_and_follows_its_recurrence_from_the_live_variables(tmp
     assert any(key.startswith("ema_batch_stats/") for key in states[1])
 
 
-def test_bfloat16_run_trains_and_saves_float32_variables(tmp_path):
-    num_steps, log_every = 20, 5
-    run_train_py(
-        tmp_path,
-        {
-            "dtype": "bfloat16",
-            "image_size": 8,
-            "batch_size": 32,
-            "num_train_steps": num_steps,
-            "warmup_epochs": 0.0,
-            "learning_rate": 0.1,
-            "log_every_steps": log_every,
-            "eval_every_steps": num_steps,
-            "checkpoint_every_steps": num_steps,
-        },
-    )
+def test_bfloat16_run_trains_and_saves_float32_variables(workdirs):
+    tmp_path, num_steps, log_every = workdirs["bf16"], BF16_STEPS, BF16_LOG_EVERY
     records = read_metrics(tmp_path)
     losses = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
     assert sorted(losses) == list(range(log_every, num_steps + 1, log_every))
