@@ -53,6 +53,22 @@ def run_cli(args: list[str], num_devices: int = 1) -> subprocess.CompletedProces
     )
 
 
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def collect(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """The finished process as `subprocess.run` returns it (killed after 300 s)."""
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -74,12 +90,33 @@ TINY_SCALED_LR = dict(TINY, learning_rate_per_256=0.4, lr_schedule="constant", b
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def runs(tmp_path_factory) -> dict:
+    """{"tiny": ..., "non_finite": ...}: (workdir, CompletedProcess) of train.py on TINY_SCALED_LR and of
+    NON_FINITE_SCRIPT. Started together: each process uses about one of the two cores CI has, so side by
+    side they take little more than one alone; each reads and writes only its own workdir."""
+    tiny, non_finite = tmp_path_factory.mktemp("tiny_run"), tmp_path_factory.mktemp("non_finite")
+    tiny_args = [f"--workdir={tiny}"] + [f"--config.{k}={v}" for k, v in TINY_SCALED_LR.items()]
+    script = NON_FINITE_SCRIPT % {"config": repr(TINY)}
+    processes = {
+        "tiny": (
+            tiny,
+            start(
+                [sys.executable, "train.py", "--config=configs/default.py", *tiny_args],
+                subprocess_env(),
+            ),
+        ),
+        "non_finite": (
+            non_finite,
+            start([sys.executable, "-c", script, str(non_finite)], subprocess_env()),
+        ),
+    }
+    return {name: (workdir, collect(process)) for name, (workdir, process) in processes.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(runs):
     """train.py on TINY_SCALED_LR: (its workdir, its CompletedProcess)."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    result = run_cli(
-        [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in TINY_SCALED_LR.items()]
-    )
+    workdir, result = runs["tiny"]
     assert result.returncode == 0, result.stderr[-5000:]
     return workdir, result
 
@@ -140,15 +177,8 @@ except training.NonFiniteLossError as e:
 """
 
 
-def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    script = NON_FINITE_SCRIPT % {"config": repr(TINY)}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(runs):
+    tmp_path, result = runs["non_finite"]
     assert result.returncode == 3, result.stderr[-5000:]
     assert "non-finite training loss or gradient at step 5" in result.stdout
     assert checkpoint_steps(tmp_path) == [2, 4]  # step 6's checkpoint was never written
