@@ -17,7 +17,9 @@ from resnet_jax.data import jpeg, transforms
 # the two wheels bundling different libjpeg-turbo releases, not for a different scale or box.
 MEAN_ABS_DIFF_TOLERANCE = 0.1
 
-requires_simplejpeg = pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg not installed")
+requires_simplejpeg = pytest.mark.skipif(
+    jpeg.simplejpeg is None, reason="simplejpeg not installed or RESNET_JAX_JPEG_DECODER=pillow"
+)
 
 
 def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -167,7 +169,7 @@ def test_a_truncated_jpeg_is_reported_by_path_on_either_path(
     simplejpeg_installed, monkeypatch, caplog
 ):
     if simplejpeg_installed and jpeg.simplejpeg is None:
-        pytest.skip("simplejpeg not installed")
+        pytest.skip("simplejpeg not installed or RESNET_JAX_JPEG_DECODER=pillow")
     if not simplejpeg_installed:
         monkeypatch.setattr(jpeg, "simplejpeg", None)
     raw = _files()["baseline 4:2:0"]
