@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -140,23 +141,18 @@ def _uninterrupted_run(workdir, **run_options):
     return losses, variables
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return _uninterrupted_run(tmp_path_factory.mktemp("uninterrupted"))
-
-
 def _assert_resumed_run_matches(
-    workdir, records_before_restart: int, uninterrupted, **run_options
+    workdir, records_before_restart: int, uninterrupted: Future, **run_options
 ) -> int:
     """Restarts the run, checks it resumed from its latest checkpoint and ended like the uninterrupted one.
 
-    `run_options` (flags, num_devices) must be those of the interrupted and the uninterrupted run.
-    Returns the step it resumed from.
+    `uninterrupted` is the future of `_uninterrupted_run`; `run_options` (flags, num_devices) must be those
+    of the interrupted and the uninterrupted run. Returns the step it resumed from.
     """
-    expected_losses, expected_variables = uninterrupted
     resumed_from = _checkpoint_steps(workdir)[-1]
     assert resumed_from < NUM_STEPS
     _run(workdir, **run_options)
+    expected_losses, expected_variables = uninterrupted.result()
     after_restart = _train_losses(_logged_steps(workdir)[records_before_restart:])
     assert sorted(after_restart) == list(range(resumed_from + 1, NUM_STEPS + 1))
     for step, loss in after_restart.items():
@@ -186,24 +182,49 @@ def _sigterm_and_resume(workdir, uninterrupted, **run_options) -> None:
     assert resumed_from == stopped_at
 
 
-def test_sigterm_saves_exits_cleanly_and_the_restart_matches_an_uninterrupted_run(
-    tmp_path, uninterrupted
-):
-    _sigterm_and_resume(tmp_path, uninterrupted)
-
-
-def test_pmap_on_two_devices_sigterm_restart_matches_an_uninterrupted_pmap_run(tmp_path):
-    uninterrupted_pmap = _uninterrupted_run(tmp_path / "uninterrupted", **PMAP)
-    _sigterm_and_resume(tmp_path / "interrupted", uninterrupted_pmap, **PMAP)
-
-
-def test_kill_9_between_checkpoints_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
-    process = _start(tmp_path)
-    _wait_until_step(process, tmp_path, 2 * CHECKPOINT_EVERY + 2)
+def _kill_9_and_resume(workdir, uninterrupted) -> None:
+    process = _start(workdir)
+    _wait_until_step(process, workdir, 2 * CHECKPOINT_EVERY + 2)
     process.kill()  # SIGKILL: no handler runs, nothing is flushed
     process.communicate(timeout=60)
-    records = _logged_steps(tmp_path)
+    records = _logged_steps(workdir)
     last_logged = max(_train_losses(records))
-    resumed_from = _assert_resumed_run_matches(tmp_path, len(records), uninterrupted)
+    resumed_from = _assert_resumed_run_matches(workdir, len(records), uninterrupted)
     # Steps after the last checkpoint were lost and trained again, with the same losses.
     assert resumed_from % CHECKPOINT_EVERY == 0 and resumed_from <= last_logged
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """{test: future of its scenario}: every run of the module, started at once, each in its own workdir.
+
+    A train.py process of this size uses about one core, for half of its time less (startup, saving); run
+    one after another, the module's eight processes leave one of CI's two cores idle. Here the two
+    uninterrupted runs and the three interrupted ones start together (five threads, each driving its
+    processes as the tests did one by one), and each scenario waits for its uninterrupted run only to
+    compare with it. The interrupted runs are slower side by side, which changes no step they are stopped at
+    by more than the timing of a signal already does: each scenario checks where its run stopped.
+    """
+    pool = ThreadPoolExecutor(max_workers=5)
+    directory = tmp_path_factory.mktemp("resume")
+    default = pool.submit(_uninterrupted_run, directory / "uninterrupted")
+    pmap = pool.submit(_uninterrupted_run, directory / "uninterrupted_pmap", **PMAP)
+    futures = {
+        "sigterm": pool.submit(_sigterm_and_resume, directory / "sigterm", default),
+        "pmap": pool.submit(_sigterm_and_resume, directory / "pmap", pmap, **PMAP),
+        "kill_9": pool.submit(_kill_9_and_resume, directory / "kill_9", default),
+    }
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def test_sigterm_saves_exits_cleanly_and_the_restart_matches_an_uninterrupted_run(scenarios):
+    scenarios["sigterm"].result()
+
+
+def test_pmap_on_two_devices_sigterm_restart_matches_an_uninterrupted_pmap_run(scenarios):
+    scenarios["pmap"].result()
+
+
+def test_kill_9_between_checkpoints_resumes_from_the_last_complete_one(scenarios):
+    scenarios["kill_9"].result()
