@@ -3,17 +3,17 @@ Pillow's `draft` where it is not, and Pillow for everything else.
 
 Both JPEG paths pick the same scale by the same rule (Pillow's `draft`: the largest of 1/2, 1/4, 1/8 whose
 decoded image is still at least the requested size) and run the same libjpeg-turbo code (accurate integer
-IDCT, fancy chroma upsampling), so they give the same pixels and the same box mapping; simplejpeg is one C
-call with the GIL released, where Pillow's decode goes through its Python file machinery (see
-benchmarks/README.md, "Input pipeline", for what that saves). Other n/8 scales are not used: libjpeg-turbo
-decodes them no faster here and their pixels move further from a full decode.
+IDCT, fancy chroma upsampling), so they give the same pixels and the same box mapping. simplejpeg's is the
+cheaper path, with its output mapped into a PIL image without a copy (`rgb_view`); benchmarks/README.md ("Input
+pipeline", third round) has the figures. Other n/8 scales are not used: libjpeg-turbo decodes them no faster
+here, and their pixels are further from a full decode.
 
 simplejpeg handles baseline and progressive JPEGs in YCbCr, grey (decoded to 3 equal channels, as Pillow's
 L -> RGB conversion gives) or RGB. Pillow keeps everything else: CMYK/YCCK JPEGs (simplejpeg converts
-them slowly and without Adobe's inversion), other formats, images past Pillow's decompression-bomb limit
+them slowly, and differently from Pillow), other formats, images past Pillow's decompression-bomb limit
 (so the limit holds either way), and any JPEG simplejpeg refuses: Pillow then gives today's verdict (an
 OSError for a truncated file; some damage libjpeg only warns about decodes). Neither applies EXIF
-orientation: pixels are stored order, as torchvision's PIL loader gives them.
+orientation: pixels come in stored order, as torchvision's PIL loader gives them.
 """
 
 from __future__ import annotations
