@@ -10,10 +10,10 @@ here, and their pixels are further from a full decode.
 
 simplejpeg handles baseline and progressive JPEGs in YCbCr, grey (decoded to 3 equal channels, as Pillow's
 L -> RGB conversion gives) or RGB. Pillow keeps everything else: CMYK/YCCK JPEGs (simplejpeg's conversion
-to RGB differs from Pillow's: 1.0 level mean on a 500x375 test image), other formats, images past Pillow's decompression-bomb limit
-(so the limit holds either way), and any JPEG simplejpeg refuses: Pillow then gives today's verdict (an
-OSError for a truncated file; some damage libjpeg only warns about decodes). Neither applies EXIF
-orientation: pixels come in stored order, as torchvision's PIL loader gives them.
+to RGB differs from Pillow's: 1.0 level mean on a 500x375 test image), other formats, images past Pillow's
+decompression-bomb limit (so the limit holds either way), and any JPEG simplejpeg refuses: Pillow then gives
+today's verdict (an OSError for a truncated file; some damage libjpeg only warns about decodes). Neither
+applies EXIF orientation: pixels come in stored order, as torchvision's PIL loader gives them.
 """
 
 from __future__ import annotations
