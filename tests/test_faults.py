@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -181,16 +182,28 @@ def assert_finite_checkpoints(workdir) -> None:
             assert np.isfinite(np.asarray(leaf)).all(), f"checkpoint {step} holds NaN/Inf"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted_run(workdir) -> tuple:
     """The uninterrupted run: its workdir, its loss per step and its final variables."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
     assert_ok(run(workdir))
     losses = train_losses(logged(workdir))
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
     variables, metadata = load_variables(str(workdir))
     assert metadata["step"] == NUM_STEPS
     return workdir, losses, variables
+
+
+class Reference:
+    """The uninterrupted run's (workdir, losses, variables), read as a tuple: waits for the run on first use,
+    so a scenario starts its own processes while the reference is still training."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def __getitem__(self, index):
+        return self._future.result()[index]
+
+    def __iter__(self):
+        return iter(self._future.result())
 
 
 def assert_matches_reference(workdir, reference, records_before: int, resumed_from: int) -> None:
@@ -283,9 +296,7 @@ DAMAGE = [
 ]
 
 
-def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes_exactly(
-    tmp_path, reference
-):
+def damaged_checkpoints_scenario(tmp_path, reference):
     stopped_at = NUM_STEPS - 1
     copy_stopped_at(reference, tmp_path, stopped_at)
     damaged = {}
@@ -314,7 +325,7 @@ def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes_exa
     survived(*damaged.values(), "garbled _CHECKPOINT_METADATA")
 
 
-def test_no_usable_checkpoint_is_one_error_listing_each_one_tried(tmp_path, reference):
+def no_usable_checkpoint_scenario(tmp_path, reference):
     copy_stopped_at(reference, tmp_path, 2)
     for step in (1, 2):
         _delete_state_metadata(os.path.join(tmp_path, "checkpoints", str(step)))
@@ -391,10 +402,7 @@ def _kill_once(workdir, seed: int, where: str) -> None:
     process.stderr.close()
 
 
-@pytest.mark.parametrize("round_index", range(ROUNDS))
-def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(
-    tmp_path, reference, round_index
-):
+def kill_9_scenario(tmp_path, reference, round_index):
     for place_index, where in enumerate(KILL_PLACES):
         before = checkpoint_steps(tmp_path) if os.path.isdir(tmp_path / "checkpoints") else []
         _kill_once(tmp_path, 3 * round_index + place_index, where)
@@ -421,7 +429,7 @@ def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(
 # -- divergence ------------------------------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_in_one_line_sets_diverged_checkpoints_aside_and_a_sane_rerun_finishes(
+def diverging_run_scenario(
     tmp_path,
 ):
     inject("diverging learning rate")
@@ -457,7 +465,7 @@ def test_a_diverging_run_stops_in_one_line_sets_diverged_checkpoints_aside_and_a
 # -- config changes between runs ------------------------------------------------------------------------------
 
 
-def test_changing_the_model_between_runs_is_one_line_and_moves_nothing(tmp_path, reference):
+def changed_model_scenario(tmp_path, reference):
     # The other refused keys (optimizer, EMA or clipping on/off, ...) take the same path: see
     # tests/test_checkpoint.py for each rule.
     copy_stopped_at(reference, tmp_path, 4)
@@ -470,9 +478,7 @@ def test_changing_the_model_between_runs_is_one_line_and_moves_nothing(tmp_path,
     survived("changed model")
 
 
-def test_a_state_that_no_longer_fits_starts_with_a_summary_and_the_changed_keys(
-    tmp_path, reference
-):
+def changed_state_structure_scenario(tmp_path, reference):
     # Parameter groups (backbone vs head) change the optimizer state's structure, which no rule names.
     copy_stopped_at(reference, tmp_path, 4)
     inject("changed optimizer state structure")
@@ -491,7 +497,7 @@ def test_a_state_that_no_longer_fits_starts_with_a_summary_and_the_changed_keys(
     survived("changed optimizer state structure")
 
 
-def test_init_from_a_resnet50_into_cifar_resnet20_gives_the_summary_and_hint_first(tmp_path):
+def init_from_another_architecture_scenario(tmp_path):
     model = create_model("resnet50", num_classes=1000)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
@@ -515,3 +521,76 @@ def test_init_from_a_resnet50_into_cifar_resnet20_gives_the_summary_and_hint_fir
     assert lines[-1] == f"the full lists: {report}"
     assert len(report.read_text().splitlines()) > 200
     survived("init_from another architecture")
+
+
+# -- the scenarios, side by side -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """{name: future of its scenario}: every scenario above, started at once, each in its own workdir.
+
+    A train.py process of this size uses about one core, for much of its life less (startup, saving, exit);
+    one after another, the module's processes left one of CI's two cores idle. Here four threads drive the
+    scenarios' processes as the tests did one by one: the uninterrupted run, the scenarios that need nothing
+    of it, and the kill -9 rounds (which wait for it only to compare) start together; the scenarios that
+    begin from a copy of its workdir follow as threads free up. Every fault is injected as before: a kill
+    is placed by what the run has written, not by time, so slower runs side by side change nothing it checks.
+    """
+    directory = tmp_path_factory.mktemp("faults")
+
+    def workdir(name: str):
+        path = directory / name.replace(" ", "_")
+        path.mkdir()
+        return path
+
+    pool = ThreadPoolExecutor(max_workers=4)
+    reference = Reference(pool.submit(uninterrupted_run, workdir("uninterrupted")))
+    futures = {
+        "diverging run": pool.submit(diverging_run_scenario, workdir("diverging")),
+        "init_from": pool.submit(init_from_another_architecture_scenario, workdir("init_from")),
+    }
+    for round_index in range(ROUNDS):
+        futures[f"kill -9 round {round_index}"] = pool.submit(
+            kill_9_scenario, workdir(f"kill_9_{round_index}"), reference, round_index
+        )
+    for name, scenario in [
+        ("damaged", damaged_checkpoints_scenario),
+        ("no usable", no_usable_checkpoint_scenario),
+        ("changed model", changed_model_scenario),
+        ("changed state structure", changed_state_structure_scenario),
+    ]:
+        futures[name] = pool.submit(scenario, workdir(name), reference)
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes_exactly(scenarios):
+    scenarios["damaged"].result()
+
+
+def test_no_usable_checkpoint_is_one_error_listing_each_one_tried(scenarios):
+    scenarios["no usable"].result()
+
+
+@pytest.mark.parametrize("round_index", range(ROUNDS))
+def test_kill_9_at_random_points_resumes_exactly_from_the_newest_checkpoint(scenarios, round_index):
+    scenarios[f"kill -9 round {round_index}"].result()
+
+
+def test_a_diverging_run_stops_in_one_line_sets_diverged_checkpoints_aside_and_a_sane_rerun_finishes(
+    scenarios,
+):
+    scenarios["diverging run"].result()
+
+
+def test_changing_the_model_between_runs_is_one_line_and_moves_nothing(scenarios):
+    scenarios["changed model"].result()
+
+
+def test_a_state_that_no_longer_fits_starts_with_a_summary_and_the_changed_keys(scenarios):
+    scenarios["changed state structure"].result()
+
+
+def test_init_from_a_resnet50_into_cifar_resnet20_gives_the_summary_and_hint_first(scenarios):
+    scenarios["init_from"].result()
