@@ -106,60 +106,68 @@ def test_the_draws_are_a_function_of_seed_and_step():
     assert float(other) != float(same[0])
 
 
-def test_mixing_the_global_batch_is_the_same_on_1_and_4_devices(tmp_path):
-    """shard_map and pmap over 4 simulated devices (a subprocess) give the one-device result bit for bit."""
+FOUR_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import pickle, sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from resnet_jax.mixing import BatchMixing, mix_batch
     mixing = BatchMixing(mixup_alpha=0.2, cutmix_alpha=1.0, seed=1)
+    images, targets = pickle.load(open(sys.argv[1], "rb"))
+    assert jax.device_count() == 4
+    def per_device(step, x, t):
+        return mix_batch(mixing.step_key(step), x, t, mixing, axis_name="data")[:2]
+    mesh = jax.make_mesh((4,), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                    out_specs=(P("data"), P("data")), check_vma=False))
+    mapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0, 0))
+    out = {"shard_map": [], "pmap": []}
+    for step in range(6):
+        s = jnp.int32(step)
+        placed = [jax.device_put(a, rows) for a in (images, targets)]
+        out["shard_map"] += [jax.device_get(a) for a in sharded(s, *placed)]
+        split = [a.reshape(4, -1, *a.shape[1:]) for a in (images, targets)]
+        out["pmap"] += [jax.device_get(a).reshape(-1, *a.shape[2:]) for a in mapped(s, *split)]
+    pickle.dump(out, open(sys.argv[2], "wb"))
+    """
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def four_device_run(tmp_path_factory):
+    """FOUR_DEVICE_SCRIPT in a subprocess (4 simulated devices), started before the module's first test:
+    it runs on the second core while the in-process tests run on the first. Yields a function that waits
+    for it and returns its outputs."""
     images, targets, _ = distinct_batch(size=6)
-    one_device = jax.jit(lambda step, x, t: mix_batch(mixing.step_key(step), x, t, mixing)[:2])
-    expected = [
-        np.asarray(x) for step in range(6) for x in one_device(jnp.int32(step), images, targets)
-    ]
-    copied = [np.all((m == images) | (m == np.roll(images, 1, 0))) for m in expected[::2]]
-    assert any(copied) and not all(copied)  # both CutMix and mixup batches among the steps
-    script = textwrap.dedent(
-        """
-        import pickle, sys
-        import jax, jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        from resnet_jax.mixing import BatchMixing, mix_batch
-        mixing = BatchMixing(mixup_alpha=0.2, cutmix_alpha=1.0, seed=1)
-        images, targets = pickle.load(open(sys.argv[1], "rb"))
-        assert jax.device_count() == 4
-        def per_device(step, x, t):
-            return mix_batch(mixing.step_key(step), x, t, mixing, axis_name="data")[:2]
-        mesh = jax.make_mesh((4,), ("data",))
-        rows = NamedSharding(mesh, P("data"))
-        sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                                        out_specs=(P("data"), P("data")), check_vma=False))
-        mapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0, 0))
-        out = {"shard_map": [], "pmap": []}
-        for step in range(6):
-            s = jnp.int32(step)
-            placed = [jax.device_put(a, rows) for a in (images, targets)]
-            out["shard_map"] += [jax.device_get(a) for a in sharded(s, *placed)]
-            split = [a.reshape(4, -1, *a.shape[1:]) for a in (images, targets)]
-            out["pmap"] += [jax.device_get(a).reshape(-1, *a.shape[2:]) for a in mapped(s, *split)]
-        pickle.dump(out, open(sys.argv[2], "wb"))
-        """
-    )
-    inputs, outputs = tmp_path / "in.pkl", tmp_path / "out.pkl"
+    directory = tmp_path_factory.mktemp("four_devices")
+    inputs, outputs = directory / "in.pkl", directory / "out.pkl"
     inputs.write_bytes(pickle.dumps((np.asarray(images), np.asarray(targets))))
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(inputs), str(outputs)],
+    process = subprocess.Popen(
+        [sys.executable, "-c", FOUR_DEVICE_SCRIPT, str(inputs), str(outputs)],
         env=env,
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = pickle.loads(outputs.read_bytes())
-    for driver in ("shard_map", "pmap"):
-        for got, want in zip(out[driver], expected, strict=True):
-            np.testing.assert_array_equal(got, want, err_msg=driver)
+
+    def result() -> dict:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        assert process.returncode == 0, stderr[-3000:]
+        return pickle.loads(outputs.read_bytes())
+
+    yield result
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def tiny_step(mixing=None, label_smoothing=0.1):
@@ -216,3 +224,20 @@ def test_train_step_loss_is_smoothed_cross_entropy_against_the_mixed_targets():
     log_probs = jax.nn.log_softmax(logits)
     expected = float(np.mean(-(smoothed * log_probs).sum(-1)))
     np.testing.assert_allclose(float(dp.unreplicate(metrics)["loss"]), expected, rtol=1e-5)
+
+
+# Last in the file: the subprocess it reads has had the other tests' time to finish.
+def test_mixing_the_global_batch_is_the_same_on_1_and_4_devices(four_device_run):
+    """shard_map and pmap over 4 simulated devices (a subprocess) give the one-device result bit for bit."""
+    mixing = BatchMixing(mixup_alpha=0.2, cutmix_alpha=1.0, seed=1)
+    images, targets, _ = distinct_batch(size=6)
+    one_device = jax.jit(lambda step, x, t: mix_batch(mixing.step_key(step), x, t, mixing)[:2])
+    expected = [
+        np.asarray(x) for step in range(6) for x in one_device(jnp.int32(step), images, targets)
+    ]
+    copied = [np.all((m == images) | (m == np.roll(images, 1, 0))) for m in expected[::2]]
+    assert any(copied) and not all(copied)  # both CutMix and mixup batches among the steps
+    out = four_device_run()
+    for driver in ("shard_map", "pmap"):
+        for got, want in zip(out[driver], expected, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=driver)
