@@ -385,7 +385,11 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
-def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def two_device_run(tmp_path_factory):
+    """MULTI_DEVICE_SCRIPT in a subprocess (2 simulated devices), started before the module's first test:
+    it runs on the second core while the in-process tests run on the first (its test comes last). Yields a
+    function that waits for it and returns its results."""
     import os
     import pickle
     import subprocess
@@ -398,27 +402,28 @@ def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(tmp_path)
         JAX_PLATFORMS="cpu",
         PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
-    out = tmp_path / "results.pkl"
-    proc = subprocess.run(
+    out = tmp_path_factory.mktemp("two_devices") / "results.pkl"
+    process = subprocess.Popen(
         [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(out)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = pickle.loads(out.read_bytes())
-    one = results["one"]
-    for name in ("shard_map", "pmap"):
-        many = results[name]
-        np.testing.assert_allclose(many["metrics"]["loss"], one["metrics"]["loss"], rtol=1e-5)
-        jax.tree.map(
-            functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
-            many["params"],
-            one["params"],
-        )
-        np.testing.assert_array_equal(many["sums"]["confusion"], one["sums"]["confusion"])
-        assert many["sums"]["pixel_count"] == one["sums"]["pixel_count"] == 3 * 16 * 16 - 6 * 16
+
+    def results() -> dict:
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        assert process.returncode == 0, stderr[-5000:]
+        return pickle.loads(out.read_bytes())
+
+    yield results
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def _segmentation_config():
@@ -511,3 +516,19 @@ def test_run_summary_describes_the_segmenter_by_part_with_no_classifier_row():
     assert sizes["head"]["shape"] == (16, 16, canvases.NUM_CLASSES)
     assert sizes["total"]["params"] == sum(v["params"] for k, v in sizes.items() if k != "total")
     assert f"{sizes['total']['params']:,} parameters" in lines[0]
+
+
+# Last in the file: the subprocess it reads has had the other tests' time to finish.
+def test_two_devices_give_one_devices_loss_update_and_confusion_matrix(two_device_run):
+    results = two_device_run()
+    one = results["one"]
+    for name in ("shard_map", "pmap"):
+        many = results[name]
+        np.testing.assert_allclose(many["metrics"]["loss"], one["metrics"]["loss"], rtol=1e-5)
+        jax.tree.map(
+            functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+            many["params"],
+            one["params"],
+        )
+        np.testing.assert_array_equal(many["sums"]["confusion"], one["sums"]["confusion"])
+        assert many["sums"]["pixel_count"] == one["sums"]["pixel_count"] == 3 * 16 * 16 - 6 * 16
