@@ -16,6 +16,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from resnet_jax import create_model
+from resnet_jax.batch_norm import BatchNorm
 from resnet_jax.convert import flax_to_torchvision, torchvision_to_flax
 from resnet_jax.models import IMAGENET_MODELS
 
@@ -243,7 +244,8 @@ def test_train_mode_logits_and_bn_running_mean_and_var_match_torchvision(name):
             model.apply,
             train=True,
             mutable=["batch_stats", "intermediates"],
-            capture_intermediates=lambda module, _: isinstance(module, nn.BatchNorm),
+            # Either BatchNorm class: create_model picks resnet_jax.batch_norm.BatchNorm on CPU.
+            capture_intermediates=lambda module, _: isinstance(module, (nn.BatchNorm, BatchNorm)),
         )
     )
     logits, updates = train_apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
