@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from background import finish, stop
 from flax import linen as nn
 
 from resnet_jax import finetune, list_models, optim, train_state
@@ -412,18 +413,11 @@ def two_device_run(tmp_path_factory):
     )
 
     def results() -> dict:
-        try:
-            _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-        assert process.returncode == 0, stderr[-5000:]
+        finish(process, timeout=600)
         return pickle.loads(out.read_bytes())
 
     yield results
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    stop(process)
 
 
 def _segmentation_config():

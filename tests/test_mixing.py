@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from background import finish, stop
 
 from resnet_jax import optim, steps, train_state
 from resnet_jax.config import base_config
@@ -156,18 +157,11 @@ def four_device_run(tmp_path_factory):
     )
 
     def result() -> dict:
-        try:
-            _, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-        assert process.returncode == 0, stderr[-3000:]
+        finish(process, timeout=300)
         return pickle.loads(outputs.read_bytes())
 
     yield result
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    stop(process)
 
 
 def tiny_step(mixing=None, label_smoothing=0.1):

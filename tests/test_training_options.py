@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from background import finish
 from etils import epath
 from flax import traverse_util
 
@@ -41,15 +42,6 @@ def start_train_py(workdir, overrides: dict) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def finish(process: subprocess.Popen) -> None:
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, stderr = process.communicate()
-    assert process.returncode == 0, stderr[-5000:]
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -128,7 +120,7 @@ def workdirs(tmp_path_factory) -> dict:
     dirs = {name: tmp_path_factory.mktemp(name) for name in runs}
     processes = [start_train_py(dirs[name], overrides) for name, overrides in runs.items()]
     for process in processes:
-        finish(process)
+        finish(process, timeout=300)
     return dirs
 
 
