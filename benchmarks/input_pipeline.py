@@ -230,9 +230,16 @@ def time_pipeline(
 
 
 def close(iterator: Iterator[Any]) -> None:
-    """Stops an iterator's worker processes now rather than at garbage collection."""
+    """Stops an iterator's worker processes now rather than at garbage collection, and waits until this process
+    is quiet: an in-process Grain iterator's read-ahead threads finish the batches they started after `close`
+    (measured: ~0.13 CPU-s, ~50 images), which would otherwise be charged to the next pipeline timed."""
     if hasattr(iterator, "close"):
         iterator.close()
+    for _ in range(40):  # at most ~10 s
+        before = cpu_seconds()
+        time.sleep(0.25)
+        if cpu_seconds() - before < 0.005:
+            return
 
 
 def run_case(
