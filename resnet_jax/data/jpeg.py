@@ -78,9 +78,24 @@ def drafted_crop_box(
 ) -> tuple[float, float, float, float]:
     """Drafts `image` (a lazy JPEG) to the smallest DCT scale leaving `box` (left, top, width, height in its
     full-size pixels) >= image_size wide, and returns the box as (left, top, right, bottom) in drafted pixels."""
-    width, height = image.size
+    sx, sy = draft_jpeg(image, *requested_size(image.size, box, image_size))
+    return scaled_box(box, sx, sy)
+
+
+def requested_size(
+    size: tuple[int, int], box: tuple[int, int, int, int], image_size: int
+) -> tuple[float, float]:
+    """The full-image (width, height) at which `box` (left, top, width, height) is `image_size` pixels wide and high."""
+    (width, height), (_, _, crop_width, crop_height) = size, box
+    return width * image_size / crop_width, height * image_size / crop_height
+
+
+def scaled_box(
+    box: tuple[int, int, int, int], sx: float, sy: float
+) -> tuple[float, float, float, float]:
+    """`box` (left, top, width, height in full-size pixels) as (left, top, right, bottom) in an image decoded at
+    scale (sx, sy)."""
     left, top, crop_width, crop_height = box
-    sx, sy = draft_jpeg(image, width * image_size / crop_width, height * image_size / crop_height)
     return (left * sx, top * sy, (left + crop_width) * sx, (top + crop_height) * sy)
 
 

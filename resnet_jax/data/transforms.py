@@ -101,16 +101,9 @@ def random_resized_crop_source(
     if size is None:
         image = decode_image(raw)
         return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
-    left, top, crop_width, crop_height = random_resized_crop_box(*size, rng)
-    width, height = size
-    requested = (width * image_size / crop_width, height * image_size / crop_height)
-    image, scale = jpeg.decode_scaled(raw, size, *requested)
-    return image, (
-        left * scale,
-        top * scale,
-        (left + crop_width) * scale,
-        (top + crop_height) * scale,
-    )
+    box = random_resized_crop_box(*size, rng)
+    image, scale = jpeg.decode_scaled(raw, size, *jpeg.requested_size(size, box, image_size))
+    return image, jpeg.scaled_box(box, scale, scale)
 
 
 def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
