@@ -301,6 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
     import torch
+    import torchvision  # noqa: F401  (before TensorFlow: importing it after TensorFlow segfaults)
 
     torch.set_num_threads(
         1
