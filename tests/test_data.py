@@ -641,6 +641,11 @@ def test_digits_is_the_whole_sklearn_set_in_fixed_stratified_train_validation_an
         return image[..., 0].tobytes() + bytes([int(label)])
 
     digits = load_digits()
+    # sources reads scikit-learn's file without importing scikit-learn: the same arrays, dtypes and order.
+    images, target = sources.load_digits_file()
+    assert images.dtype == digits.images.dtype and target.dtype == digits.target.dtype
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(target, digits.target)
     scans = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     whole = Counter(key(image, label) for image, label in zip(scans, digits.target, strict=True))
     parts = Counter()
