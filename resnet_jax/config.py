@@ -14,13 +14,15 @@ from typing import Any
 
 import ml_collections
 
-# The choices of each enumerated key; the modules that act on them import these names.
+from resnet_jax.parallel import PARALLELISMS
+
+# The choices of each enumerated key; the modules that act on them import these names (PARALLELISMS is
+# parallel.py's own).
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("imagenet", "cifar", "none")
 NORMALIZATIONS = ("dataset", "imagenet")
-PARALLELISMS = ("shard_map", "pmap")
 FINETUNE_MODES = ("full", "frozen_bn", "linear_probe")
 AUTO_AUGMENTS = ("none", "trivial_augment", "rand_augment")
 TASKS = ("classification", "segmentation")

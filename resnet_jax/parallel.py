@@ -23,9 +23,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.config import PARALLELISMS
-
 DATA_AXIS = "data"
+# The two drivers above. Defined here, not in config.py, so that the step's modules need only jax (no
+# ml_collections): benchmarks/gpu.py runs them on machines that have nothing else.
+PARALLELISMS = ("shard_map", "pmap")
 
 PyTree = Any
 

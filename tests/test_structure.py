@@ -72,3 +72,30 @@ def test_no_module_imports_a_private_name_from_another_module():
                     if alias.name.startswith("_") and not alias.name.startswith("__")
                 ]
     assert not offenders, offenders
+
+
+def test_the_gpu_benchmarks_modules_need_only_jax_flax_and_optax():
+    # benchmarks/gpu.py runs the real train step on GPU machines whose image has jax, flax, optax and orbax
+    # but no grain, ml_collections, tensorflow-datasets or simplejpeg: the step's modules must not need them.
+    missing = ("grain", "ml_collections", "tensorflow_datasets", "simplejpeg")
+    script = f"""
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {missing!r}:
+            raise ImportError(f"{{name}} is not installed here")
+sys.meta_path.insert(0, Missing())
+from resnet_jax.models import create_model
+from resnet_jax.parallel import DataParallel
+from resnet_jax.steps import train_step
+from resnet_jax.train_state import create_train_state, init_variables
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
