@@ -17,13 +17,15 @@ images per CPU-second there, not their wall rates.
   `sample_distorted_bounding_box` (the Flax/TPU reference recipe), flip, normalize, batch, AUTOTUNE parallelism.
 Then the same, in process, on `--num_large_images` camera-sized 1600x1200 JPEGs.
 
-Each pipeline is timed for `--repeats` runs of `--batches` batches after `--warmup` batches (worker start-up
-excluded, and the warm-up longer than what the pipeline reads ahead), one pipeline at a time (see
-`time_pipeline` for why not alternating). Two figures per run:
+Timing runs in `--repeats` rounds; each round times every pipeline in turn, one at a time: a fresh pipeline,
+`--warmup` batches plus what it reads ahead (worker start-up excluded), then `--batches` timed batches, then
+closed before the next starts. Alternating rounds let the machine's drift hit every pipeline alike. Figures:
 - images per CPU-second: images divided by the CPU time (user + system) of this process and all its children
-  (workers) over the timed batches. It hardly changes with machine load, so it is the figure to compare and to
-  scale from (k free cores deliver about k times it);
-- wall images/s (median of the repeats): depends on the free cores; on a shared machine, read it as measured
+  (workers) over the timed batches: the figure to compare and to scale from (k free cores deliver about k
+  times it). It depends on load far less than the wall rate does, but not nothing: on a shared 2-core VM
+  it moved by a third between identical runs, hence the rounds;
+- the ratio to torchvision's images per CPU-second: the median of the rounds' ratios;
+- wall images/s (median of the rounds): depends on the free cores; on a shared machine, read it as measured
   under the load printed with it.
 Needs psutil (for the workers' CPU time) and torch/torchvision (the `test` extra).
 """
@@ -204,29 +206,25 @@ def read_ahead_batches(name: str, num_workers: int, batch_size: int) -> int:
 
 
 def time_pipeline(
-    make: Callable[[], Iterator[Any]], warmup: int, batches: int, repeats: int, batch_size: int
+    make: Callable[[], Iterator[Any]], warmup: int, batches: int, batch_size: int
 ) -> tuple[float, float]:
-    """(median wall images/s over `repeats` runs of `batches` batches, images per CPU-second over all of them).
+    """(wall seconds, CPU seconds) of `batches` batches from a fresh pipeline, after `warmup` batches.
 
-    Pipelines are timed one at a time, each closed before the next starts: the CPU time is that of the whole
-    process tree, so another pipeline filling its buffers in the background would be charged to this one.
-    `warmup` batches must exceed what the pipeline reads ahead, so that the timed batches are all made (and
-    paid for) inside the timed runs rather than taken from a buffer filled before them.
+    The pipeline is closed before this returns: the CPU time is that of the whole process tree, so a
+    pipeline left filling its buffers in the background would be charged to the next one timed. `warmup`
+    batches must exceed what the pipeline reads ahead, so that the timed batches are all made (and paid
+    for) inside the timed interval rather than taken from a buffer filled before it.
     """
     iterator = make()
     try:
         for _ in range(warmup):
             next(iterator)
-        rates, cpu = [], 0.0
-        for _ in range(repeats):
-            cpu_start, start = cpu_seconds(), time.perf_counter()
-            for _ in range(batches):
-                next(iterator)
-            rates.append(batches * batch_size / (time.perf_counter() - start))
-            cpu += cpu_seconds() - cpu_start
+        cpu_start, start = cpu_seconds(), time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        return time.perf_counter() - start, cpu_seconds() - cpu_start
     finally:
         close(iterator)
-    return statistics.median(rates), repeats * batches * batch_size / cpu
 
 
 def close(iterator: Iterator[Any]) -> None:
@@ -252,19 +250,36 @@ def run_case(
     repeats: int,
 ) -> list[dict[str, Any]]:
     """Times the named pipelines on one folder with one worker count; prints and returns one row each."""
-    timed = {}
-    for name in names:
-        timed[name] = time_pipeline(
-            functools.partial(PIPELINES[name], root, num_workers, args.batch_size),
-            args.warmup + read_ahead_batches(name, num_workers, args.batch_size),
-            batches,
-            repeats,
-            args.batch_size,
+    # Rounds alternate the pipelines, so that the machine's drift (this VM's speed moves by a third between
+    # identical runs minutes apart) hits each of them alike; the ratio is the median of the rounds' ratios.
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            seconds, cpu_seconds_used = time_pipeline(
+                functools.partial(PIPELINES[name], root, num_workers, args.batch_size),
+                args.warmup + read_ahead_batches(name, num_workers, args.batch_size),
+                batches,
+                args.batch_size,
+            )
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds_used)
+    images = batches * args.batch_size
+    timed = {
+        name: (
+            statistics.median(images / seconds for seconds in wall[name]),
+            images * repeats / sum(cpu[name]),
         )
+        for name in names
+    }
     rows = []
     workers = f"{num_workers} worker(s)" if num_workers else "in process"
     for name, (rate, per_cpu_second) in timed.items():
-        ratio = per_cpu_second / timed["torchvision"][1] if "torchvision" in timed else None
+        ratio = (
+            statistics.median(t / c for c, t in zip(cpu[name], cpu["torchvision"], strict=True))
+            if "torchvision" in timed
+            else None
+        )
         ratio_text = (
             "" if ratio is None or name == "torchvision" else f" ({ratio:.2f}x torchvision's)"
         )
@@ -294,7 +309,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="worker counts to time (0 = in process)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds")
     parser.add_argument("--skip_large", action="store_true", help="skip the 1600x1200 JPEGs")
     parser.add_argument("--results_dir", default=common.DEFAULT_RESULTS_DIR)
     parser.add_argument("--name", default="input_pipeline", help="the JSON file's name")
