@@ -32,25 +32,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from resnet_jax.parallel import device_mean, device_sum
+
 Initializer = Callable[..., jax.Array]
-
-
-def _device_mean(tree: Any, axis_name: str | None) -> Any:
-    if axis_name is None or lax.axis_size(axis_name) == 1:
-        return tree
-    return lax.pmean(tree, axis_name)
-
-
-def _device_sum(tree: Any, axis_name: str | None) -> Any:
-    if axis_name is None or lax.axis_size(axis_name) == 1:
-        return tree
-    return lax.psum(tree, axis_name)
 
 
 def _batch_moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and (biased) variance over every axis but the last, across devices on `axis_name`."""
     axes = tuple(range(x.ndim - 1))
-    mean, mean_of_squares = _device_mean(
+    mean, mean_of_squares = device_mean(
         (jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)), axis_name
     )
     # flax's fast variance, E[x^2] - E[x]^2 clipped at 0: the same statistics as nn.BatchNorm.
@@ -93,7 +83,7 @@ def _normalize_bwd(epsilon, axis_name, residuals, cotangents):
     local_sums = (jnp.sum(dy, axes), jnp.sum(dy * centered, axes))
     sum_dy, sum_dy_centered = local_sums
     # The statistics' own cotangents (zero unless a caller differentiates through the returned mean/var).
-    total_dy, total_dy_centered, dmean, dvar = _device_sum((*local_sums, dmean, dvar), axis_name)
+    total_dy, total_dy_centered, dmean, dvar = device_sum((*local_sums, dmean, dvar), axis_name)
     count = x.size // x.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
     dx_dy = scale * inv  # dy's coefficient in dx
     # dx = dx_dy * (dy - S1/M - xhat * S2/M) + dmean/M + dvar * 2 (x - mean)/M, with S2 = inv * sum(dy * centered):

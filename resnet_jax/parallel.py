@@ -31,6 +31,25 @@ PARALLELISMS = ("shard_map", "pmap")
 PyTree = Any
 
 
+def device_mean(tree: PyTree, axis_name: str | None) -> PyTree:
+    """`lax.pmean(tree, axis_name)`, or `tree` itself when there is no axis or it has one device.
+
+    XLA:CPU runs a one-device all-reduce as a real collective that copies every gradient (resnet18 at 32 px,
+    batch 32: ~5-15% of a train step, benchmarks/README.md); the mean over one device is the value itself.
+    """
+    if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+        return tree
+    return jax.lax.pmean(tree, axis_name)
+
+
+def device_sum(tree: PyTree, axis_name: str | None) -> PyTree:
+    """`lax.psum(tree, axis_name)`, or `tree` itself when there is no axis or it has one device (see
+    `device_mean`)."""
+    if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+        return tree
+    return jax.lax.psum(tree, axis_name)
+
+
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis `data` over `devices` (default: every device of every process)."""
     devices = list(jax.devices() if devices is None else devices)

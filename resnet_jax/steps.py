@@ -29,6 +29,7 @@ from flax import traverse_util
 from jax import lax
 
 from resnet_jax.mixing import BatchMixing, mix_images, mix_targets
+from resnet_jax.parallel import device_mean
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
@@ -241,17 +242,6 @@ def train_step(
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     metrics["grad_norm"] = optax.tree.norm(trainable_grads)
     return new_state, metrics
-
-
-def device_mean(tree: PyTree, axis_name: str) -> PyTree:
-    """`lax.pmean(tree, axis_name)`, or `tree` itself when the axis has one device.
-
-    XLA:CPU runs a one-device all-reduce as a real collective that copies every gradient (resnet18 at 32 px,
-    batch 32: ~5-15% of a train step, benchmarks/README.md); the mean over one device is the value itself.
-    """
-    if lax.axis_size(axis_name) == 1:
-        return tree
-    return lax.pmean(tree, axis_name)
 
 
 def _update_ema(state: TrainState, ema_decay: float) -> TrainState:
