@@ -17,6 +17,20 @@ MAX_FUNCTION_LINES = 80
 DATA_TABLES = {"resnet_jax/imagenet_classes.py"}
 
 
+def run_python(script: str) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh interpreter (so only what it imports is loaded), asserting it succeeds."""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def library_modules() -> list[pathlib.Path]:
     return sorted(p for p in (REPO / "resnet_jax").rglob("*.py"))
 
@@ -34,15 +48,7 @@ module.get_config()
 heavy = sorted({{name.split(".")[0] for name in sys.modules}} & set({HEAVY!r}))
 print(",".join(heavy))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(script)
     assert result.stdout.strip() == "", f"{config_file.name} imports {result.stdout.strip()}"
 
 
@@ -90,12 +96,4 @@ from resnet_jax.parallel import DataParallel
 from resnet_jax.steps import train_step
 from resnet_jax.train_state import create_train_state, init_variables
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(script)
