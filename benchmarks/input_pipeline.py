@@ -14,7 +14,8 @@ Like with like: with workers, each of our Grain workers decodes with one thread,
 no decoding. In process, ours decodes with up to one thread per core and torchvision with one: compare their
 images per CPU-second there, not their wall rates.
 - tf.data (only where TensorFlow is installed; it is not a dependency): `decode_and_crop_jpeg` with
-  `sample_distorted_bounding_box` (the Flax/TPU reference recipe), flip, normalize, batch, AUTOTUNE parallelism.
+  `sample_distorted_bounding_box` (the Flax/TPU reference recipe), flip, normalize, batch, AUTOTUNE parallelism;
+  in process only (it has no worker processes).
 Then the same, in process, on `--num_large_images` camera-sized 1600x1200 JPEGs.
 
 Timing runs in `--repeats` rounds; each round times every pipeline in turn, one at a time: a fresh pipeline,
@@ -249,7 +250,12 @@ def run_case(
     batches: int,
     repeats: int,
 ) -> list[dict[str, Any]]:
-    """Times the named pipelines on one folder with one worker count; prints and returns one row each."""
+    """Times the named pipelines on one folder with one worker count; prints and returns one row each.
+
+    tf.data runs in process only: it has no worker processes (its AUTOTUNE threads take every core), so a
+    "1 worker" or "2 workers" row of it would time the same pipeline again under another name."""
+    if num_workers > 0:
+        names = [name for name in names if name != "tf.data"]
     # Rounds alternate the pipelines, so that the machine's drift (this VM's speed moves by a third between
     # identical runs minutes apart) hits each of them alike; the ratio is the median of the rounds' ratios.
     wall: dict[str, list[float]] = {name: [] for name in names}
