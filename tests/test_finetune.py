@@ -39,8 +39,11 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 
 def init(name: str, num_classes: int, seed: int, **options) -> dict:
     model = create_model(name, num_classes=num_classes, **options)
-    # Jitted: eager init dispatches op by op, several times slower on CPU; compiled, it hits the cache.
-    return dict(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3))))
+    # lazy_init: the variables alone, compiled without the forward pass (eager init dispatches the forward op
+    # by op, a jitted init compiles it whole; neither is needed for the values).
+    return dict(
+        model.lazy_init(jax.random.key(seed), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    )
 
 
 def abstract_init(name: str, num_classes: int) -> dict:
@@ -77,7 +80,7 @@ def pretrained_small() -> dict:
     """The cut-down cifar_resnet20 with 10 classes and batch statistics that are not the initial (0, 1)."""
     model = create_model("cifar_resnet20", num_classes=10, **STEP_MODEL_OPTIONS)
     shape = (1, STEP_IMAGE_SIZE, STEP_IMAGE_SIZE, 3)
-    variables = dict(jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape)))
+    variables = dict(model.lazy_init(jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32)))
     batch_stats = jax.tree.map(
         lambda x: x + jax.random.uniform(jax.random.key(7), x.shape), variables["batch_stats"]
     )
@@ -215,7 +218,7 @@ def _finetune_step(mode: str, pretrained: dict, backbone_lr_multiplier: float = 
         "cifar_resnet20", num_classes=2, **STEP_MODEL_OPTIONS, **finetune.model_options(mode)
     )
     shape = (1, STEP_IMAGE_SIZE, STEP_IMAGE_SIZE, 3)
-    fresh = dict(jax.jit(model.init)(jax.random.key(1), jnp.zeros(shape)))
+    fresh = dict(model.lazy_init(jax.random.key(1), jax.ShapeDtypeStruct(shape, jnp.float32)))
     variables = merge_pretrained(fresh, pretrained)
     labels = finetune.param_groups(variables["params"])
     multipliers = finetune.lr_multipliers(mode, backbone_lr_multiplier)
