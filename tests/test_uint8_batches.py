@@ -97,7 +97,10 @@ def test_normalize_images_leaves_float_images_alone_and_needs_stats_for_uint8():
 
 def _tiny_eval(config):
     model = create_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1), stage_widths=(8, 16))
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    # lazy_init: init's variables bit for bit, without running the forward pass op by op.
+    variables = model.lazy_init(
+        jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32), train=False
+    )
     tx = optax.sgd(0.1)
     state = train_state.create_train_state(jax.device_get(variables), tx, use_ema=False)
     data_parallel = DataParallel("shard_map", jax.devices()[:1])
@@ -151,7 +154,8 @@ def test_predict_on_uint8_images_equals_predict_on_the_float_images():
     config = _config("digits")
     model = create_model("cifar_resnet20", num_classes=10)
     size = config.image_size
-    variables = jax.device_get(model.init(jax.random.key(1), jnp.zeros((1, size, size, 3))))
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.device_get(model.lazy_init(jax.random.key(1), images))
     args = dict(process_index=0, process_count=1, local_batch_size=8, split="test")
     floats = next(create_eval_batches(config, **args))["image"]
     pixels = next(create_eval_batches(config, **args, uint8_images=True))["image"]
