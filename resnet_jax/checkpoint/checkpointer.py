@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from resnet_jax.checkpoint.preemption import PreemptionWatcher
 from resnet_jax.checkpoint.variables import CHECKPOINTS_SUBDIR, CONFIG_ITEM, STATE_ITEM
@@ -360,9 +359,17 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     handler = ocp.StandardCheckpointHandler()
     if jax.default_backend() != "cpu":
         return handler
-    array_handler = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
-    )
+    try:
+        # Orbax internals (no public hook): an Orbax that moves them gets its default handler, not a crash.
+        from orbax.checkpoint._src.metadata import array_metadata_store
+
+        array_handler = ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        )
+    except (ImportError, AttributeError, TypeError):
+        return handler
+    if not hasattr(handler, "_impl"):
+        return handler
     type_handlers = ocp.type_handlers.create_type_handler_registry(
         *(
             (
