@@ -152,10 +152,17 @@ def load_digits_file() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("sklearn")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn")
-    package_dir = list(spec.submodule_search_locations)[0]
-    with gzip.open(
-        os.path.join(package_dir, "datasets", "data", "digits.csv.gz"), mode="rt", encoding="utf-8"
-    ) as f:
+    path = os.path.join(
+        list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz"
+    )
+    if not os.path.exists(
+        path
+    ):  # a scikit-learn that keeps it elsewhere: its own loader, slower to import
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
         data = np.loadtxt(f, delimiter=",")
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
 
