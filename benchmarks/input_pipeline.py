@@ -351,9 +351,7 @@ def main() -> None:
         # Camera-sized photos: where decoding at a reduced DCT scale pays.
         with tempfile.TemporaryDirectory() as root:
             make_photo_folder(root, args.num_large_images, size=(1600, 1200))
-            rows += run_case(
-                "1600x1200", root, 0, names, args, max(args.batches // 2, 1), args.repeats
-            )
+            rows += run_case("1600x1200", root, 0, names, args, args.batches, args.repeats)
     result = dict(
         benchmark="input_pipeline",
         task="folder of JPEGs -> RandomResizedCrop 224 + flip + batches (ours: uint8, as the trainer gets "
