@@ -338,8 +338,9 @@ class TrainingCheckpointer:
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     """Names each item's handler up front, so a fresh manager can read metadata of items it did not write."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add(STATE_ITEM, ocp.args.StandardSave, _state_handler())
-    registry.add(STATE_ITEM, ocp.args.StandardRestore, _state_handler())
+    state_handler = _state_handler()
+    registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
+    registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
     registry.add(DATA_ITEM, grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointHandler)
     registry.add(DATA_ITEM, grain_checkpoint.CheckpointRestore, grain_checkpoint.CheckpointHandler)
     registry.add(CONFIG_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler)

@@ -155,9 +155,8 @@ def load_digits_file() -> tuple[np.ndarray, np.ndarray]:
     path = os.path.join(
         list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz"
     )
-    if not os.path.exists(
-        path
-    ):  # a scikit-learn that keeps it elsewhere: its own loader, slower to import
+    if not os.path.exists(path):
+        # A scikit-learn that keeps the file elsewhere: its own loader, slower to import.
         from sklearn.datasets import load_digits
 
         digits = load_digits()
