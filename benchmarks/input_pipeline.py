@@ -336,6 +336,9 @@ def main() -> None:
         print(
             "tf.data: skipped (TensorFlow is not installed; `pip install tensorflow-cpu` to compare)"
         )
+    from resnet_jax.data import jpeg
+
+    print(f"ours decodes JPEGs with {jpeg.decoder_description()}")
     load_at_start = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
@@ -359,6 +362,7 @@ def main() -> None:
         num_images=args.num_images,
         batch_size=args.batch_size,
         load_average_1m_at_start=round(load_at_start, 2),
+        jpeg_decoder=jpeg.decoder_description(),
         machine=common.machine_description(),
         runs=rows,
     )

@@ -1,5 +1,6 @@
 """Decoding a record's image, JPEGs at a reduced DCT scale: simplejpeg (libjpeg-turbo) where it is installed,
-Pillow's `draft` where it is not, and Pillow for everything else.
+Pillow's `draft` where it is not, and Pillow for everything else. The training crop decodes only its own region
+where our native module is built (`_jpeg_region.c`, below).
 
 Both JPEG paths pick the same scale by the same rule (Pillow's `draft`: the largest of 1/2, 1/4, 1/8 whose
 decoded image is still at least the requested size) and run the same libjpeg-turbo code (accurate integer
@@ -14,6 +15,16 @@ to RGB differs from Pillow's: 1.0 level mean on a 500x375 test image), other for
 decompression-bomb limit (so the limit holds either way), and any JPEG simplejpeg refuses: Pillow then gives
 today's verdict (an OSError for a truncated file; some damage libjpeg only warns about decodes). Neither
 applies EXIF orientation: pixels come in stored order, as torchvision's PIL loader gives them.
+
+Region decoding (`decode_for_crop`) is what tf.image.decode_and_crop_jpeg does in the Flax and TPU reference
+pipelines: libjpeg-turbo's partial decompression (jpeg_crop_scanline, jpeg_skip_scanlines) through a small C
+module built against the system's libjpeg-turbo at install (`pip install` with its headers, Debian's
+libjpeg-dev; without them the module is not built and the whole image is decoded as above). It fills only the
+pixels the crop's resize reads into an otherwise zero image of the full scaled size, so the image size, the box
+and every pixel the resize reads are the whole-image path's, and so is the crop, bit for bit. It skips the IDCT
+outside the region and stops after its last row: 1.2-1.3x less CPU per training crop (benchmarks/README.md,
+"Input pipeline", fifth round). Damage below the region goes unseen there, so a file not ending in the JPEG
+end-of-image marker (truncated) takes the whole-image path, which reports it.
 """
 
 from __future__ import annotations
@@ -30,12 +41,20 @@ try:
     import simplejpeg
 except ImportError:  # the Pillow path below is the tested fallback
     simplejpeg = None
-# RESNET_JAX_JPEG_DECODER=pillow takes the fallback with simplejpeg installed (to compare the two; worker
-# processes inherit it).
-if os.environ.get("RESNET_JAX_JPEG_DECODER", "").lower() == "pillow":
+try:  # built by `pip install` where libjpeg-turbo's headers are
+    from resnet_jax.data import _jpeg_region
+except ImportError:  # the whole-image paths above and below are the tested fallbacks
+    _jpeg_region = None
+# RESNET_JAX_JPEG_DECODER=pillow takes the Pillow fallback with simplejpeg installed, =simplejpeg the whole-image
+# simplejpeg path with the region decoder built (to compare them; worker processes inherit it).
+_DECODER_CHOICE = os.environ.get("RESNET_JAX_JPEG_DECODER", "").lower()
+if _DECODER_CHOICE == "pillow":
     simplejpeg = None
+if _DECODER_CHOICE in ("pillow", "simplejpeg"):
+    _jpeg_region = None
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+JPEG_END_OF_IMAGE = b"\xff\xd9"
 # Header colour spaces simplejpeg decodes to RGB exactly as Pillow does.
 _SIMPLEJPEG_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 
@@ -142,6 +161,64 @@ def decode_scaled(
     return rgb_view(pixels), 1 / scale
 
 
+def decoder_description() -> str:
+    """Which JPEG decoders this process uses for the training crop, for benchmark records and logs."""
+    whole = f"simplejpeg {simplejpeg.__version__}" if simplejpeg is not None else "Pillow's draft"
+    if _jpeg_region is None:
+        return f"whole images: {whole} (no region decoding)"
+    version = (
+        _jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER
+    )  # e.g. 2001005 for 2.1.5 (its headers at build)
+    turbo = f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
+    return f"regions: libjpeg-turbo {turbo} (_jpeg_region); damaged or unusual files: {whole}"
+
+
+def decode_for_crop(
+    raw: bytes,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    image_size: int,
+    region: bool = True,
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """A JPEG (`size` = `simplejpeg_size(raw)`) decoded for a bilinear resize of `box` (left, top, width, height
+    in full-size pixels) to image_size x image_size, and the box in the decoded image's pixels: the image at
+    Pillow's draft scale for it, with only the pixels that resize reads decoded where the region decoder is
+    built and `region` is set (the others 0), else all of them."""
+    requested = requested_size(size, box, image_size)
+    if region and _jpeg_region is not None and raw.endswith(JPEG_END_OF_IMAGE):
+        scale = draft_scale(*size, *requested)
+        scaled = scaled_box(box, 1 / scale, 1 / scale)
+        shape = (-(-size[1] // scale), -(-size[0] // scale), 4)
+        left, top, right, bottom = bilinear_read_window(scaled, image_size, shape[1], shape[0])
+        pixels = np.zeros(shape, np.uint8)  # calloc: pages outside the region are not even touched
+        try:
+            _jpeg_region.decode_region(raw, scale, left, top, right - left, bottom - top, pixels)
+            return rgb_view(pixels), scaled
+        except ValueError:
+            pass  # damaged or unusual: the whole-image path decodes it or gives Pillow's verdict
+    image, scale = decode_scaled(raw, size, *requested)
+    return image, scaled_box(box, scale, scale)
+
+
+def bilinear_read_window(
+    box: tuple[float, float, float, float], output_size: int, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The pixels (left, top, right, bottom) of a width x height image that Pillow's bilinear resize of `box`
+    (left, top, right, bottom) to output_size x output_size reads, with a pixel to spare each side.
+
+    Pillow's filter spans one output pixel (max(1, input/output) input pixels) either side of each output
+    pixel's centre; the outermost centres lie half an output pixel inside the box."""
+    left, top, right, bottom = box
+    reach_x = max(1.0, (right - left) / output_size) + 1
+    reach_y = max(1.0, (bottom - top) / output_size) + 1
+    return (
+        max(0, math.floor(left - reach_x)),
+        max(0, math.floor(top - reach_y)),
+        min(width, math.ceil(right + reach_x)),
+        min(height, math.ceil(bottom + reach_y)),
+    )
+
+
 def rgb_view(pixels: np.ndarray) -> Image.Image:
     """An RGB image over an (H, W, 4) RGBX uint8 array, without copying it.
 
@@ -172,3 +249,4 @@ def _rgb_view_works() -> bool:
 
 if simplejpeg is not None and not _rgb_view_works():
     simplejpeg = None  # a Pillow whose core changed: its own decoder, as without simplejpeg
+    _jpeg_region = None

@@ -12,7 +12,8 @@ center crop (config.eval_crop_fraction, 224/256 by default); eval may run at its
 Images whose size differs from image_size are resized (bilinear, antialiased, as torchvision's PIL path) for
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
 least image_size pixels wide: decoding dominates input cost on ImageNet-sized photos. The training crop decodes
-with simplejpeg where it is installed and with PIL's `Image.draft` where not, to the same pixels (`jpeg`).
+only the region its resize reads where our libjpeg-turbo module is built, with simplejpeg where it is not and
+with PIL's `Image.draft` without simplejpeg, to the same pixels (`jpeg`).
 
 A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
 next decodable example in its place (`stream.TrainBatches`); in eval it becomes a zero row with mask 0.
@@ -93,17 +94,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def random_resized_crop_source(
-    raw: Any, image_size: int, rng: np.random.Generator
+    raw: Any, image_size: int, rng: np.random.Generator, region: bool = True
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """The record's image (decoded at a reduced DCT scale where the crop allows, or drafted and still lazy)
-    and its random-resized crop's box in that image's pixels: what `resize` takes."""
+    and its random-resized crop's box in that image's pixels: what `resize` to image_size takes. `region`:
+    a JPEG may have only the pixels that resize reads decoded (`jpeg.decode_for_crop`); pass False when the
+    crop is resized to another size."""
     size = jpeg.simplejpeg_size(raw)
     if size is None:
         image = decode_image(raw)
         return image, drafted_crop_box(image, random_resized_crop_box(*image.size, rng), image_size)
     box = random_resized_crop_box(*size, rng)
-    image, scale = jpeg.decode_scaled(raw, size, *jpeg.requested_size(size, box, image_size))
-    return image, jpeg.scaled_box(box, scale, scale)
+    return jpeg.decode_for_crop(raw, size, box, image_size, region=region)
 
 
 def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -279,7 +281,9 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
     def decode(self, raw: Any, rng: np.random.Generator) -> tuple[Any, Any]:
         """(image, crop box or None): the size-independent first half (a random draw for "imagenet")."""
         if self.augment == "imagenet":
-            image, box = random_resized_crop_source(raw, self.image_size, rng)
+            # A size set per step (progressive resizing) reads other pixels: the whole image then.
+            region = not self.resize_later
+            image, box = random_resized_crop_source(raw, self.image_size, rng, region=region)
         else:
             image, box = raw, None
             if self.resize_later and not isinstance(raw, np.ndarray):
