@@ -4,8 +4,8 @@
 
 Generates photo-like JPEGs (as `input_pipeline.py` does), then times each stage of the training transform
 alone, in one thread, with `time.process_time()` (CPU time, so other jobs on a shared machine matter less):
-file read, header parse, crop box, JPEG decode (Pillow's draft, and simplejpeg where installed: the pipeline's
-default), crop + resize, flip, float conversion + normalization,
+file read, header parse, crop box, JPEG decode (Pillow's draft, simplejpeg's whole image where installed, and
+the region decoder where built: the pipeline's default), crop + resize, flip, float conversion + normalization,
 batch copy (float32 and uint8). Then the whole pipeline in this process (`create_train_iterator` with 1 and 16
 read threads) and a plain loop over the same transform: their difference is the pipeline's per-record
 overhead and thread cost. Prints
@@ -83,6 +83,9 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         requested = (width * IMAGE_SIZE / crop_width, height * IMAGE_SIZE / crop_height)
         return jpeg.decode_scaled(data[i], sizes[i], *requested)
 
+    def region_decoded(i: int) -> tuple[Image.Image, tuple[float, ...]]:
+        return jpeg.decode_for_crop(data[i], sizes[i], boxes[i], IMAGE_SIZE)
+
     sizes = [jpeg.simplejpeg_size(raw) for raw in data]
     decoded_images = [decoded(i) for i in range(count)]
     crops = [
@@ -108,7 +111,8 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
             500, 375, rng
         ),
         "JPEG Pillow draft + decode (load; the fallback)": decoded,
-        "JPEG header + decode, simplejpeg (RGBX mapped as RGB; the default)": simplejpeg_decoded,
+        "JPEG header + decode, simplejpeg (RGBX mapped as RGB; whole image)": simplejpeg_decoded,
+        "JPEG region decode (the resize's pixels only; the default)": region_decoded,
         "crop + resize to 224 (PIL, box)": lambda i: decoded_images[i][0].resize(
             (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=decoded_images[i][1]
         ),
@@ -130,7 +134,9 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         ),
     }
     if jpeg.simplejpeg is None:
-        del cumulative["JPEG header + decode, simplejpeg (RGBX mapped as RGB; the default)"]
+        del cumulative["JPEG header + decode, simplejpeg (RGBX mapped as RGB; whole image)"]
+    if jpeg.simplejpeg is None or jpeg._jpeg_region is None:
+        del cumulative["JPEG region decode (the resize's pixels only; the default)"]
     results = {name: per_image_ms(stage, count, repeats) for name, stage in cumulative.items()}
     # Pillow's decoding includes parsing the header and drafting, so subtract what it contains.
     pillow_decode = "JPEG Pillow draft + decode (load; the fallback)"

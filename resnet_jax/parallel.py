@@ -15,7 +15,8 @@ Both give the same numbers (tested). Nothing here knows about ResNets or optimiz
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,6 +28,9 @@ DATA_AXIS = "data"
 # The two drivers above. Defined here, not in config.py, so that the step's modules need only jax (no
 # ml_collections): benchmarks/gpu.py runs them on machines that have nothing else.
 PARALLELISMS = ("shard_map", "pmap")
+# Batches sent to the devices at a time by `device_batches`: 2, as flax's examples prefetch (the step's own and
+# the next one); 1 sends each batch only when its step asks for it.
+DEVICE_PREFETCH = 2
 
 PyTree = Any
 
@@ -149,6 +153,29 @@ class DataParallel:
             return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), self._stacked)
 
         return jax.tree.map(split, local_batch)
+
+    def device_batches(
+        self, local_batches: Iterator[dict[str, np.ndarray]], ahead: int = DEVICE_PREFETCH
+    ) -> Iterator[dict[str, jax.Array]]:
+        """`shard_batch` of each local batch, `ahead` of them sent to the devices at a time: when a step
+        takes batch k, batches k + 1 .. k + ahead - 1 are already on their way.
+
+        JAX's transfers and steps run asynchronously, so the next batches' copies overlap the step running
+        now instead of delaying the next one (flax's `prefetch_to_device`). Reading ahead is safe for
+        resuming: a run's data position is its step (`data.stream`), not the iterator's."""
+        queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                try:
+                    queue.append(self.shard_batch(next(local_batches)))
+                except StopIteration:
+                    return
+
+        send(ahead)
+        while queue:
+            yield queue.popleft()
+            send(1)
 
     # -- compiling -----------------------------------------------------------------------------------
 

@@ -235,9 +235,9 @@ def _train_loop(run: _Run, start_step: int) -> dict[str, float]:
     train_metrics = TrainMetrics(run.data_parallel)
     final: dict[str, float] = {}
     timer_start, timer_step = time.perf_counter(), start_step
-    last_saved = start_step
+    last_saved, batches = start_step, run.data_parallel.device_batches(run.train_iter)
     for step in range(start_step + 1, plan.num_steps + 1):
-        batch = run.data_parallel.shard_batch(next(run.train_iter))
+        batch = next(batches)
         run.state, metrics = run.train_fn(run.state, batch)
         train_metrics.append(step, metrics)
         if step == last_saved + 1:
