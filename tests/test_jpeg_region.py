@@ -35,7 +35,7 @@ def _encode(image: Image.Image, **options) -> bytes:
     return out.getvalue()
 
 
-# Every chroma layout libjpeg upsamples differently, progressive scans, grey, and sizes that are not a whole
+# Every chroma layout libjpeg upsamples differently, progressive scans, grey, RGB, and sizes that are not a whole
 # number of 16-pixel MCUs (where libjpeg's crop grid and the last partial block meet).
 FILES = {
     "4:2:0": _encode(_photo(500, 375, 0)),
@@ -43,6 +43,7 @@ FILES = {
     "4:4:4": _encode(_photo(500, 375, 0), subsampling=0),
     "progressive": _encode(_photo(375, 500, 1), progressive=True),
     "grey": _encode(_photo(500, 375, 2).convert("L")),
+    "rgb (Adobe, no YCbCr)": _encode(_photo(200, 150, 6), keep_rgb=True, subsampling=0),
     "odd size": _encode(_photo(333, 251, 3)),
     "large": _encode(_photo(1600, 1200, 4)),
     "tiny": _encode(_photo(9, 13, 5)),
