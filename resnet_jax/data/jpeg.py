@@ -22,9 +22,9 @@ module built against the system's libjpeg-turbo at install (`pip install` with i
 libjpeg-dev; without them the module is not built and the whole image is decoded as above). It fills only the
 pixels the crop's resize reads into an otherwise zero image of the full scaled size, so the image size, the box
 and every pixel the resize reads are the whole-image path's, and so is the crop, bit for bit. It skips the IDCT
-outside the region and stops after its last row: 1.2-1.3x less CPU per training crop (benchmarks/README.md,
-"Input pipeline", fifth round). Damage below the region goes unseen there, so a file not ending in the JPEG
-end-of-image marker (truncated) takes the whole-image path, which reports it.
+outside the region and stops after its last row: 1.1x less CPU per training crop at 500x375, 1.3x at
+1600x1200 (benchmarks/README.md, "Input pipeline", fifth round). Damage below the region goes unseen there, so
+a file not ending in the JPEG end-of-image marker (truncated) takes the whole-image path, which reports it.
 """
 
 from __future__ import annotations
