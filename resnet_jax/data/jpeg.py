@@ -134,6 +134,12 @@ def simplejpeg_size(raw: Any) -> tuple[int, int] | None:
     return width, height
 
 
+def rgbx_shape(size: tuple[int, int], scale: int) -> tuple[int, int, int]:
+    """(height, width, 4): a (width, height) JPEG decoded at DCT scale 1/scale as RGBX (libjpeg rounds up)."""
+    width, height = size
+    return -(-height // scale), -(-width // scale), 4
+
+
 def decode_scaled(
     raw: bytes,
     size: tuple[int, int],
@@ -145,7 +151,7 @@ def decode_scaled(
     simplejpeg refuses it, so a damaged file gets Pillow's verdict (raising one of its errors or not)."""
     width, height = size
     scale = draft_scale(width, height, requested_width, requested_height)
-    shape = (-(-height // scale), -(-width // scale), 4)
+    shape = rgbx_shape(size, scale)
     try:
         pixels = simplejpeg.decode_jpeg(
             raw,
@@ -166,9 +172,8 @@ def decoder_description() -> str:
     whole = f"simplejpeg {simplejpeg.__version__}" if simplejpeg is not None else "Pillow's draft"
     if _jpeg_region is None:
         return f"whole images: {whole} (no region decoding)"
-    version = (
-        _jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER
-    )  # e.g. 2001005 for 2.1.5 (its headers at build)
+    # The libjpeg-turbo headers it was built against, e.g. 2001005 for 2.1.5.
+    version = _jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER
     turbo = f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
     return f"regions: libjpeg-turbo {turbo} (_jpeg_region); damaged or unusual files: {whole}"
 
@@ -188,7 +193,7 @@ def decode_for_crop(
     if region and _jpeg_region is not None and raw.endswith(JPEG_END_OF_IMAGE):
         scale = draft_scale(*size, *requested)
         scaled = scaled_box(box, 1 / scale, 1 / scale)
-        shape = (-(-size[1] // scale), -(-size[0] // scale), 4)
+        shape = rgbx_shape(size, scale)
         left, top, right, bottom = bilinear_read_window(scaled, image_size, shape[1], shape[0])
         pixels = np.zeros(shape, np.uint8)  # calloc: pages outside the region are not even touched
         try:
