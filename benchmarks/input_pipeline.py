@@ -336,9 +336,12 @@ def main() -> None:
         print(
             "tf.data: skipped (TensorFlow is not installed; `pip install tensorflow-cpu` to compare)"
         )
-    from resnet_jax.data import jpeg
+    from resnet_jax.data import jpeg, resize
 
-    print(f"ours decodes JPEGs with {jpeg.decoder_description()}")
+    print(
+        f"ours decodes JPEGs with {jpeg.decoder_description()} and resizes the crop with "
+        f"{resize.resizer_description()}"
+    )
     load_at_start = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
@@ -363,6 +366,7 @@ def main() -> None:
         batch_size=args.batch_size,
         load_average_1m_at_start=round(load_at_start, 2),
         jpeg_decoder=jpeg.decoder_description(),
+        crop_resizer=resize.resizer_description(),
         machine=common.machine_description(),
         runs=rows,
     )

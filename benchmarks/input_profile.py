@@ -38,7 +38,7 @@ from input_pipeline import (  # noqa: E402
     read_ahead_batches,
 )
 
-from resnet_jax.data import create_train_iterator, folder, jpeg, stream, transforms  # noqa: E402
+from resnet_jax.data import create_train_iterator, folder, jpeg, resize, stream, transforms  # noqa: E402
 
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
@@ -116,6 +116,9 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
         "crop + resize to 224 (PIL, box)": lambda i: decoded_images[i][0].resize(
             (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=decoded_images[i][1]
         ),
+        "crop + resize to 224 (fast_image_resize, box; the default)": lambda i: resize.resize_box(
+            decoded_images[i][0], decoded_images[i][1], IMAGE_SIZE
+        ),
         "to numpy (np.asarray of the 224 crop)": lambda i: np.asarray(resized[i]),
         "flip + contiguous copy (uint8)": lambda i: np.ascontiguousarray(crops[i][:, ::-1]),
         "flip in PIL (transpose) + to numpy": lambda i: np.asarray(
@@ -133,6 +136,8 @@ def stage_breakdown(paths: list[str], repeats: int) -> dict[str, float]:
             np.stack(crops[:BATCH_SIZE]) if i % BATCH_SIZE == 0 else None
         ),
     }
+    if resize.cykooz_resizer is None:
+        del cumulative["crop + resize to 224 (fast_image_resize, box; the default)"]
     if jpeg.simplejpeg is None:
         del cumulative["JPEG header + decode, simplejpeg (RGBX mapped as RGB; whole image)"]
     if jpeg.simplejpeg is None or jpeg._jpeg_region is None:

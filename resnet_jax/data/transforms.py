@@ -13,7 +13,8 @@ Images whose size differs from image_size are resized (bilinear, antialiased, as
 "cifar" and "none". JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves the crop at
 least image_size pixels wide: decoding dominates input cost on ImageNet-sized photos. The training crop decodes
 only the region its resize reads where our libjpeg-turbo module is built, with simplejpeg where it is not and
-with PIL's `Image.draft` without simplejpeg, to the same pixels (`jpeg`).
+with PIL's `Image.draft` without simplejpeg, to the same pixels (`jpeg`). The training crop's bilinear
+resize runs in fast_image_resize's SIMD code where it is installed (`resize`: within a level of Pillow's).
 
 A training record that cannot be decoded becomes None (logged with its path) and the training stream puts the
 next decodable example in its place (`stream.TrainBatches`); in eval it becomes a zero row with mask 0.
@@ -52,6 +53,7 @@ from resnet_jax.data.augment import (  # the crops live with the other augmentat
     random_resized_crop_box,
 )
 from resnet_jax.data.jpeg import decode_image, draft_jpeg, drafted_crop_box
+from resnet_jax.data.resize import resize_box
 
 # What decoding a bad file raises (PIL: OSError incl. UnidentifiedImageError and truncated data, SyntaxError,
 # DecompressionBombError; zlib/struct errors from damaged PNG chunks). A bug in our own preprocessing (a
@@ -111,7 +113,7 @@ def random_resized_crop_source(
 def train_crop_imagenet(raw: Any, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """A random-resized crop of a record's image, as uint8 (image_size, image_size, 3)."""
     image, box = random_resized_crop_source(raw, image_size, rng)
-    return np.asarray(to_rgb(image).resize((image_size, image_size), Image.BILINEAR, box=box))
+    return np.asarray(resize_box(to_rgb(image), box, image_size))
 
 
 def eval_resize_size(
@@ -299,7 +301,7 @@ class TrainPreprocess(_Preprocess, grain.transforms.RandomMap):
         numpy's strided copy), augmented, normalized (float32; uint8 without `host_normalize`)."""
         image, box = decoded
         if self.augment == "imagenet":
-            pixels = to_rgb(image).resize((size, size), Image.BILINEAR, box=box)
+            pixels = resize_box(to_rgb(image), box, size)
         else:
             pixels = whole_image(image, size)
             if self.augment == "cifar":
