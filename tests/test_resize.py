@@ -63,9 +63,9 @@ def test_boxes_outside_the_image_and_other_modes_are_pillows_exactly():
         resize.resize_box(image, (-2.0, 0.0, 20.0, 20.0), 8)
     with pytest.raises(ValueError, match="exceed"):
         resize.resize_box(image, (10.0, 5.0, 41.5, 30.0), 8)
-    for box in [(3.0, 3.0, 3.0, 9.0)]:  # empty
-        expected = image.resize((8, 8), Image.BILINEAR, box=box)
-        np.testing.assert_array_equal(np.asarray(resize.resize_box(image, box, 8)), expected)
+    empty = (3.0, 3.0, 3.0, 9.0)
+    expected = image.resize((8, 8), Image.BILINEAR, box=empty)
+    np.testing.assert_array_equal(np.asarray(resize.resize_box(image, empty, 8)), expected)
     grey = image.convert("L")
     np.testing.assert_array_equal(
         np.asarray(resize.resize_box(grey, (1.5, 2.0, 30.0, 25.0), 9)),
