@@ -32,11 +32,16 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # rounding step by step, by how much depending on the examples' order: measured 1.5e-5 on a resumed run's
 # third step with the example order of 2026-12-01. A batch of other examples moves the loss by percent.
 FIRST_STEPS_RTOL = 5e-5
-# Final variables after NUM_STEPS steps, per leaf ||a - b|| / ||b||: the same rounding, carried through the
-# updates (measured 1.2e-6 with shard_map and 8e-7 with pmap with the old example order; 8.2e-4 on one small
-# BatchNorm bias (norm 9e-3) with the current one, every other leaf <= 5.5e-5). The losses above, within
-# FIRST_STEPS_RTOL at every step, are the sharp test that the batches are the same; this bound catches
-# replicated state that drifted apart between processes.
+# After the first three steps the difference can jump where a ReLU or a max-pool takes the other branch in one
+# run: on an AMD EPYC Zen 4 (AVX-512 kernels, another summation order than the AVX2 machines), steps 1-3 agreed
+# to 1e-7 and steps 4, 5 and 6 differed by 2.2e-4, 5.5e-4 and 7.5e-4. Later steps are checked to LATER_STEPS_RTOL, which
+# still tells a same-batch run from a diverged one; the first three steps after every start stay the sharp test.
+LATER_STEPS_RTOL = 5e-3
+# The variables (params and BatchNorm statistics) at step STOP_AT and at the end, as one vector:
+# ||a - b|| / ||b||. The same rounding, carried through the updates; on the Zen 4, 2.7e-5 at step 3 and 6.2e-4
+# at step 6, after the branch flip above. Per leaf the flip moved BatchNorm biases, which start at zero and
+# are still ~1e-2 in norm, by up to 4%, so a per-leaf bound would measure the flip, not the runs. The losses
+# are the sharp test that the batches are the same; this bound catches replicated state that drifted apart.
 VARIABLES_RTOL = 5e-3
 # (dataset, parallelism) pairs run on two processes: each driver and each kind of data once.
 PAIRS = [("digits", "shard_map"), ("folder", "pmap")]
@@ -127,10 +132,13 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], first_step: int) -> None:
-    """Every logged step present; the first three within FIRST_STEPS_RTOL, later ones within 10x that."""
+    """Every logged step present; the first three within FIRST_STEPS_RTOL, later ones within LATER_STEPS_RTOL."""
     assert sorted(got) == list(range(first_step, NUM_STEPS + 1))
     for step, loss in got.items():
-        rtol = FIRST_STEPS_RTOL * (1 if step < first_step + 3 else 10)
+        rtol = FIRST_STEPS_RTOL if step < first_step + 3 else LATER_STEPS_RTOL
+        print(
+            f"step {step}: relative loss difference {abs(loss - want[step]) / abs(want[step]):.1e}"
+        )
         assert abs(loss - want[step]) <= rtol * abs(want[step]), (step, loss, want[step])
     assert len(set(got.values())) > 1  # the steps did train
 
@@ -175,20 +183,22 @@ def reference_run(tmp_path_factory, image_folder):
 
 
 def assert_same_variables(workdir, reference_workdir) -> None:
-    """The final params and BatchNorm statistics of two runs, leaf by leaf, within VARIABLES_RTOL."""
-    ours, metadata = load_variables(str(workdir))
-    theirs, _ = load_variables(str(reference_workdir))
-    assert metadata["step"] == NUM_STEPS
-    ours_leaves = jax.tree_util.tree_leaves_with_path(ours)
-    theirs_leaves = jax.tree_util.tree_leaves_with_path(theirs)
-    assert [path for path, _ in ours_leaves] == [path for path, _ in theirs_leaves]
-    worst = 0.0
-    for (path, a), (_, b) in zip(ours_leaves, theirs_leaves, strict=True):
-        assert a.shape == b.shape, jax.tree_util.keystr(path)
-        error = float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
-        assert error <= VARIABLES_RTOL, (jax.tree_util.keystr(path), error)
-        worst = max(worst, error)
-    print(f"\nworst per-leaf relative difference of the final variables: {worst:.2e}")
+    """The variables of two runs at step STOP_AT and at the end, as one vector, within VARIABLES_RTOL."""
+    for step in (STOP_AT, NUM_STEPS):
+        ours, metadata = load_variables(str(workdir), step)
+        theirs, _ = load_variables(str(reference_workdir), step)
+        assert metadata["step"] == step
+        ours_leaves = jax.tree_util.tree_leaves_with_path(ours)
+        theirs_leaves = jax.tree_util.tree_leaves_with_path(theirs)
+        assert [path for path, _ in ours_leaves] == [path for path, _ in theirs_leaves]
+        squared_difference = squared_norm = 0.0
+        for (path, a), (_, b) in zip(ours_leaves, theirs_leaves, strict=True):
+            assert a.shape == b.shape, jax.tree_util.keystr(path)
+            squared_difference += float(np.sum(np.square(a - b, dtype=np.float64)))
+            squared_norm += float(np.sum(np.square(b, dtype=np.float64)))
+        error = (squared_difference / squared_norm) ** 0.5
+        print(f"\nstep {step}: relative difference of all variables {error:.2e}")
+        assert error <= VARIABLES_RTOL, (step, error)
 
 
 @pytest.mark.parametrize("dataset, parallelism", PAIRS)
