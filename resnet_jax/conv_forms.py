@@ -120,10 +120,19 @@ def im2col_conv(
     cols = _live_offsets(w, kw, strides[1], padding[1])
     x_padded = _pad(x, padding)
     patches = [_tap(x_padded, i, j, strides, out_hw) for i in rows for j in cols]
-    weights = [kernel[i, j] for i in rows for j in cols]
+    if rows == list(range(rows[0], rows[-1] + 1)) and cols == list(range(cols[0], cols[-1] + 1)):
+        # The live taps are one block of the kernel, in the patches' (row, column, channel) order: a
+        # reshape, with no copy where every tap is live. Concatenating the taps' slices instead made XLA:CPU
+        # copy each tap and then the whole matrix (and the same in the gradient): about 2 ms per 3x3 conv of
+        # resnet18's 2x2-map stage at 32 px, 7% of the step on an AMD EPYC Zen 4.
+        weights = kernel[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].reshape(
+            -1, kernel.shape[-1]
+        )
+    else:  # a gap in the live offsets (a stride above the input size, with wide padding)
+        weights = jnp.concatenate([kernel[i, j] for i in rows for j in cols], axis=0)
     if len(patches) == 1:
-        return _matmul(patches[0], weights[0])
-    return _matmul(jnp.concatenate(patches, axis=-1), jnp.concatenate(weights, axis=0))
+        return _matmul(patches[0], weights)
+    return _matmul(jnp.concatenate(patches, axis=-1), weights)
 
 
 def _kernel_grad_by_taps(
