@@ -32,10 +32,11 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # rounding step by step, by how much depending on the examples' order: measured 1.5e-5 on a resumed run's
 # third step with the example order of 2026-12-01. A batch of other examples moves the loss by percent.
 FIRST_STEPS_RTOL = 5e-5
-# After the first three steps the difference can jump where a ReLU or a max-pool takes the other branch in one
-# run: on an AMD EPYC Zen 4 (AVX-512 kernels, another summation order than the AVX2 machines), steps 1-3 agreed
-# to 1e-7 and steps 4, 5 and 6 differed by 2.2e-4, 5.5e-4 and 7.5e-4. Later steps are checked to LATER_STEPS_RTOL, which
-# still tells a same-batch run from a diverged one; the first three steps after every start stay the sharp test.
+# After the first three steps the difference can jump where a ReLU or a max-pool takes the other branch in
+# one run: on an AMD EPYC Zen 4 (AVX-512 kernels, another summation order than the AVX2 machines), steps 1-3
+# agreed to 1e-7 and steps 4, 5 and 6 differed by 2.2e-4, 5.5e-4 and 7.5e-4. Later steps are checked to
+# LATER_STEPS_RTOL, which still tells a same-batch run from a diverged one; the first three steps after every
+# start stay the sharp test.
 LATER_STEPS_RTOL = 5e-3
 # The variables (params and BatchNorm statistics) at step STOP_AT and at the end, as one vector:
 # ||a - b|| / ||b||. The same rounding, carried through the updates; on the Zen 4, 2.7e-5 at step 3 and 6.2e-4
@@ -132,7 +133,7 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], first_step: int) -> None:
-    """Every logged step present; the first three within FIRST_STEPS_RTOL, later ones within LATER_STEPS_RTOL."""
+    """Every logged step present; the first three within FIRST_STEPS_RTOL, later ones LATER_STEPS_RTOL."""
     assert sorted(got) == list(range(first_step, NUM_STEPS + 1))
     for step, loss in got.items():
         rtol = FIRST_STEPS_RTOL if step < first_step + 3 else LATER_STEPS_RTOL
