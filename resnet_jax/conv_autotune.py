@@ -4,8 +4,9 @@ Which of the equivalent forms of `resnet_jax.conv` is fastest depends on the CPU
 cores) and on the shape: thresholds measured on one CPU did not carry to another. So, like cuDNN's autotuning,
 `choose_form` times each candidate's forward + gradients for the exact (input shape, kernel shape, strides,
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
-model, core count, jax version and the forms' revision (`FORMS_REVISION`). Shapes are static under `jit`, so the
-choice happens at trace time; the timing runs in a separate thread, outside the caller's trace.
+model (with its family, model number and vector extensions), core count, jax version and the forms'
+revision (`FORMS_REVISION`). Shapes are static under `jit`, so the choice happens at trace time; the timing
+runs in a separate thread, outside the caller's trace.
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
@@ -48,8 +49,9 @@ CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
 # timed, where Winograd beat the static im2col choice 2x at 8x8 maps.
 MIN_TUNED_FLOPS = 1e8
 # Part of the cache file's name: bump it when a form's implementation changes (the 1x1/im2col matmul became a
-# 2-D dot in revision 2), so that choices timed for the old code are measured again rather than reused.
-FORMS_REVISION = 2
+# 2-D dot in revision 2; im2col's weights became a reshape of the kernel in revision 3), so that choices timed
+# for the old code are measured again rather than reused.
+FORMS_REVISION = 3
 # Timing rounds per candidate (alternating, median); a candidate slower than PRUNE_FACTOR x the best after its
 # first round is dropped.
 ROUNDS = 3
@@ -69,22 +71,40 @@ def timing_allowed() -> bool:
     return jax.process_count() == 1
 
 
+CPUINFO = "/proc/cpuinfo"
+# The vector extensions that change which form is fastest, as /proc/cpuinfo names them.
+_VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
+
+
 def cpu_description() -> str:
-    """CPU model name and core count: what a cached choice is valid for."""
-    model = ""
+    """CPU model, family/model numbers, vector extensions and core count: what a cached choice is valid for.
+
+    The model name alone is not enough: cloud VMs report generic names ("AMD EPYC") for CPUs of different
+    generations, and an AVX2 Zen 2 and an AVX-512 Zen 4 under that one name need different forms.
+    """
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
+    model = fields.get("model name")
     if not model:
         import platform
 
         model = platform.processor() or platform.machine()
-    return f"{model} x{os.cpu_count()}"
+    parts = [model]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"f{fields['cpu family']}m{fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    parts += [isa for isa in _VECTOR_ISAS if isa in flags]
+    return f"{' '.join(parts)} x{os.cpu_count()}"
 
 
 def cache_path() -> str:

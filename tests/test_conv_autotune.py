@@ -92,6 +92,26 @@ def test_cache_is_keyed_by_cpu_jax_version_and_forms_revision(monkeypatch, tmp_p
     assert f"_r{conv_autotune.FORMS_REVISION}_" in name
 
 
+def test_cache_key_tells_cpu_generations_and_vector_extensions_apart(monkeypatch, tmp_path):
+    # Cloud VMs name CPUs of different generations alike ("AMD EPYC"); an AVX2 and an AVX-512 one must not
+    # share choices.
+    def description(family_model: str, flags: str) -> str:
+        cpuinfo = tmp_path / f"cpuinfo_{family_model.replace('/', '_')}"
+        cpuinfo.write_text(
+            "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\n"
+            "model name\t: AMD EPYC\nflags\t\t: {}\n\nprocessor\t: 1\nmodel name\t: other\n".format(
+                *family_model.split("/"), flags
+            )
+        )
+        monkeypatch.setattr(conv_autotune, "CPUINFO", str(cpuinfo))
+        return conv_autotune.cpu_description()
+
+    zen2 = description("23/49", "fpu sse2 avx fma avx2")
+    zen4 = description("25/17", "fpu sse2 avx fma avx2 avx512f avx512bw")
+    assert zen2.startswith("AMD EPYC f23m49 avx2 x") and "avx512f" not in zen2
+    assert zen4.startswith("AMD EPYC f25m17 avx2 avx512f x")
+
+
 def test_unset_means_auto_even_under_pytest(monkeypatch):
     # The library does not look at the test runner: tests/conftest.py sets `static` for the test session.
     monkeypatch.delenv(conv_autotune.FORM_ENV, raising=False)
