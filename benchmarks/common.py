@@ -72,6 +72,9 @@ def machine_description() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
+        # Model name, family/model numbers and vector extensions: VMs name different generations alike
+        # ("AMD EPYC" for an AVX2 Zen 2 and an AVX-512 Zen 4).
+        "cpu_description": conv_autotune.cpu_description(),
         "cpu_flags": " ".join(flags),
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -99,7 +102,8 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 def describe_machine_line(machine: dict[str, Any]) -> str:
     return (
-        f"{machine['cpu']} ({machine.get('cpu_flags', '')}), {machine['cpu_count']} cores "
+        f"{machine.get('cpu_description', machine['cpu'])} ({machine.get('cpu_flags', '')}), "
+        f"{machine['cpu_count']} cores "
         f"(load {machine['load_average_1m']:.1f}), "
         f"jax {machine['jax']} ({machine['jax_backend']}), torch {machine['torch']} "
         f"({machine['torch_threads']} threads)"
