@@ -43,6 +43,10 @@ import numpy as np
 
 FORM_ENV = "RESNET_JAX_CONV_FORM"
 CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
+# Where `cpu_description` reads the CPU (a constant, so tests can point it at a file of their own).
+CPUINFO = "/proc/cpuinfo"
+# The vector extensions that change which form is fastest, as /proc/cpuinfo names them.
+_VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
 # Convs whose forward takes fewer flops than this are not timed: timing costs a few compiles (seconds) and
 # could save at most about a millisecond per step. The default job's convs (ResNet-20, 16 px, batch 64:
 # 7.5e7) stay below, so its first run does not pay for timing; resnet18's at 32 px, batch 32 (1.5e8), are
@@ -69,11 +73,6 @@ def mode() -> str:
 def timing_allowed() -> bool:
     """Whether `auto` may time forms in this process: not in a multi-process run (module docstring)."""
     return jax.process_count() == 1
-
-
-CPUINFO = "/proc/cpuinfo"
-# The vector extensions that change which form is fastest, as /proc/cpuinfo names them.
-_VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
 
 
 def cpu_description() -> str:
