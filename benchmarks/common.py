@@ -51,25 +51,14 @@ def machine_description() -> dict[str, Any]:
 
     from resnet_jax import conv_autotune
 
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    model_found = False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu, model_found = line.split(":", 1)[1].strip(), True
-                elif line.startswith("flags"):
-                    # The vector extensions that decide which conv form and matmul kernels win.
-                    flags = sorted(
-                        flag
-                        for flag in line.split(":", 1)[1].split()
-                        if flag.startswith(("avx", "fma", "amx")) or flag == "f16c"
-                    )
-                if flags and model_found:
-                    break
-    except OSError:
-        pass
+    fields = conv_autotune.cpuinfo_fields()
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    # The vector extensions that decide which conv form and matmul kernels win.
+    flags = sorted(
+        flag
+        for flag in fields.get("flags", "").split()
+        if flag.startswith(("avx", "fma", "amx")) or flag == "f16c"
+    )
     return {
         "cpu": cpu,
         # Model name, family/model numbers and vector extensions: VMs name different generations alike

@@ -75,12 +75,9 @@ def timing_allowed() -> bool:
     return jax.process_count() == 1
 
 
-def cpu_description() -> str:
-    """CPU model, family/model numbers, vector extensions and core count: what a cached choice is valid for.
-
-    The model name alone is not enough: cloud VMs report generic names ("AMD EPYC") for CPUs of different
-    generations, and an AVX2 Zen 2 and an AVX-512 Zen 4 under that one name need different forms.
-    """
+def cpuinfo_fields() -> dict[str, str]:
+    """The first processor's `model name`, `cpu family`, `model` and `flags` from /proc/cpuinfo (those present;
+    empty where the file is missing, as on macOS)."""
     fields: dict[str, str] = {}
     try:
         with open(CPUINFO) as f:
@@ -93,6 +90,16 @@ def cpu_description() -> str:
                     break  # the first processor's block is enough
     except OSError:
         pass
+    return fields
+
+
+def cpu_description() -> str:
+    """CPU model, family/model numbers, vector extensions and core count: what a cached choice is valid for.
+
+    The model name alone is not enough: cloud VMs report generic names ("AMD EPYC") for CPUs of different
+    generations, and an AVX2 Zen 2 and an AVX-512 Zen 4 under that one name need different forms.
+    """
+    fields = cpuinfo_fields()
     model = fields.get("model name")
     if not model:
         import platform
