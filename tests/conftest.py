@@ -1,5 +1,6 @@
 """Shared test setup: deterministic conv forms, and a persistent compilation cache for cheap recompiles."""
 
+import gc
 import os
 
 import jax
@@ -29,3 +30,16 @@ def unoptimized_xla():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Free jax's compiled programs and caches before pytest's closing garbage collections.
+
+    A pytest-xdist worker reports itself finished after this hook, and execnet interrupts it (SIGINT) if it is
+    still busy 5 s later. pytest's five closing `gc.collect()` rounds over a whole session's objects ran past
+    that (the interrupt landed in jax's gc callback: a `KeyboardInterrupt` warning after the last test).
+    Measured after three test files: one round 0.51 s; `clear_caches` + a round here 2.8 s, after which the
+    five rounds took 0.52 s in all.
+    """
+    jax.clear_caches()
+    gc.collect()
