@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import config as config_lib
-from resnet_jax import data, training
+from resnet_jax import data, host_memory, training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/, e.g. configs/default.py.", lock_config=True
@@ -165,6 +165,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _CONFIG.value.get("retain_host_memory") and host_memory.jax_runs_on_cpu_only():
+        # First thing, so that no block of this run is mapped and unmapped before it.
+        host_memory.retain_freed_memory()
     try:
         initialize_distributed(
             _COORDINATOR_ADDRESS.value,

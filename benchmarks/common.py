@@ -9,7 +9,9 @@ Fairness rules, applied everywhere:
 - bf16 means our model's `dtype=jnp.bfloat16` (params, BN and loss in float32) against
   `torch.autocast("cpu", torch.bfloat16)` (the same mixed-precision policy);
 - runs alternate A, B, A, B... in one process, so load from other processes on a shared machine hits both
-  sides alike, and each figure is the median over repeats.
+  sides alike, and each figure is the median over repeats;
+- the process's malloc is set up as `train.py` sets it up on CPU (`set_host_memory`): both frameworks then
+  allocate from the same retained heap (PyTorch's CPU tensors page-fault too under glibc's defaults).
 """
 
 from __future__ import annotations
@@ -79,6 +81,21 @@ def machine_description() -> dict[str, Any]:
         "conv_forms_cache": conv_autotune.cache_path(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
+
+
+def set_host_memory(mode: str) -> str:
+    """Sets the process's malloc as `train.py` does on CPU ('retain': `resnet_jax.host_memory`) or leaves
+    glibc's defaults ('default'); returns what is in effect, for the JSON result. Call before anything
+    else allocates, as train.py does."""
+    from resnet_jax import host_memory
+
+    if mode == "default":
+        return "glibc defaults"
+    if mode != "retain":
+        raise ValueError(f"host memory mode {mode!r}: use 'retain' or 'default'")
+    if host_memory.retain_freed_memory():
+        return "retained (resnet_jax.host_memory: mmap_max 0, trim_threshold 2 GiB)"
+    return f"left as is ({host_memory.allocator_in_charge() or 'glibc refused mallopt'})"
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

@@ -66,6 +66,13 @@ def parse_args(doc: str = __doc__, name: str = "train_step") -> argparse.Namespa
         default=os.path.join(common.REPO_ROOT, ".jax_cache"),
         help="JAX persistent compilation cache for our steps ('' disables); speeds up re-runs only",
     )
+    parser.add_argument(
+        "--host_memory",
+        default="retain",
+        choices=("retain", "default"),
+        help="retain: malloc keeps freed memory, as train.py sets it on CPU (resnet_jax.host_memory), for "
+        "both frameworks; default: glibc's defaults",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="calls per timed run")
     parser.add_argument("--results_dir", default=common.DEFAULT_RESULTS_DIR)
@@ -83,12 +90,14 @@ def default_batch_size(image_size: int) -> int:
 
 def run_cases(args: argparse.Namespace, mode: str) -> None:
     """Times every case of `args` for `mode` ('train' or 'eval'), prints, and writes the JSON result."""
+    host_memory = common.set_host_memory(args.host_memory)  # before JAX's backend and torch start
     if args.compilation_cache_dir:
         common.enable_compilation_cache(args.compilation_cache_dir)
     build_ours = common.jax_train_runner if mode == "train" else common.jax_eval_runner
     build_torch = common.torch_train_runner if mode == "train" else common.torch_eval_runner
-    machine = common.machine_description()
+    machine = {**common.machine_description(), "host_memory": host_memory}
     print(common.describe_machine_line(machine), flush=True)
+    print(f"host memory: {host_memory}", flush=True)
     compile_ok, compile_error = common.torch_compile_works()
     compile_models = {
         "all": set(args.models.split(",")),

@@ -217,6 +217,12 @@ def test_learning_rate_per_256_follows_the_batch_size_given_on_the_command_line(
     assert "peak learning rate 0.1 = learning_rate_per_256 0.4 x global batch" in result.stderr
 
 
+def test_a_cpu_run_keeps_the_memory_xla_frees(tiny_run):
+    """train.py sets malloc up as resnet_jax.host_memory says before the run starts (CPU-only JAX here)."""
+    _, result = tiny_run
+    assert "host memory: malloc keeps freed memory" in result.stderr
+
+
 @pytest.mark.parametrize("failing_part", ["compile_steps", "train_batches_from"])
 def test_an_error_during_setup_closes_the_checkpointer_and_restores_the_sigterm_handler(
     tmp_path, monkeypatch, failing_part

@@ -1,0 +1,112 @@
+"""Keep the heap memory that XLA:CPU frees after every step in the process, instead of handing it back to the OS.
+
+Why: XLA:CPU allocates an executable's temporaries as one block per call (the `preallocated-temp` of its
+buffer assignment: 45 MB for resnet18's 32 px, batch-32 train step) and frees it when the call returns.
+glibc's malloc serves a block above its mmap threshold (which adapts, up to 32 MiB) with a fresh `mmap` and
+unmaps it on `free`, so every step touches that memory anew and the kernel zero-fills it page by page: on a
+2-core AMD EPYC Zen 4, resnet18's 32 px train step took 10,900 page faults and ~28 ms of system CPU per
+70-90 ms step (benchmarks/README.md).
+
+What `retain_freed_memory` sets, process-wide (glibc's `mallopt`):
+
+* `M_MMAP_MAX = 0`: no block gets a mapping of its own; blocks come from the heaps and go back to them;
+* `M_TRIM_THRESHOLD = 2 GiB - 1`: free memory at the top of the main heap is returned only past 2 GiB.
+
+After it the same step takes under 100 page faults (usually under 30) and 2-4 ms of system CPU. The cost:
+the process keeps its peak heap, as a training process does anyway from its second step on.
+
+What it cannot keep: a block over 64 MiB that a thread other than the main one allocates. glibc's
+per-thread heaps are capped at 64 MiB and serve such a block with its own mapping whatever `M_MMAP_MAX`
+says, and XLA's executor thread allocates the temporaries when JAX dispatches asynchronously (resnet50 at
+128 px, batch 16: a 605 MB block, 160,000 faults per step). `M_ARENA_MAX = 1` (every thread on the main
+heap) kept that too but cost resnet18's step 15-25% more user CPU in lock contention, and
+`jax_cpu_enable_async_dispatch=False` keeps it but stops the training loop overlapping the next step's
+dispatch with the current step; neither is set here.
+
+Users who run jemalloc or tcmalloc (`LD_PRELOAD`) or set `GLIBC_TUNABLES` malloc options keep their own
+choice: this then changes nothing. `train.py` calls it first thing when JAX will run on the CPU alone
+(`config.retain_host_memory`, `jax_runs_on_cpu_only`); nothing calls it on import, and GPU and TPU runs
+keep glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pkgutil
+import platform
+
+import jax
+
+# mallopt's parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+# The largest value mallopt takes (an int): free heap memory above this is still returned to the OS.
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def accelerator_plugins() -> list[str]:
+    """The PJRT plugins JAX would load (CUDA, ROCm, TPU...), found without starting a backend."""
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins  # the namespace package that plugins install into
+    except ImportError:
+        pass
+    else:
+        names += [module.name for module in pkgutil.iter_modules(jax_plugins.__path__)]
+    if importlib.util.find_spec("libtpu") is not None:
+        names.append("libtpu")
+    return sorted(set(names))
+
+
+def jax_runs_on_cpu_only() -> bool:
+    """Whether JAX's backend will be the CPU alone: `jax_platforms` says only "cpu", or, with it unset,
+    no accelerator plugin is installed. Reads configuration only; starts no backend."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return {name.strip() for name in platforms.split(",")} == {"cpu"}
+    return not accelerator_plugins()
+
+
+def allocator_in_charge() -> str | None:
+    """Why `retain_freed_memory` would leave malloc alone (another allocator, the user's settings), or None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'libc'})"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return f"LD_PRELOAD={preload}"
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." in tunables:
+        return f"GLIBC_TUNABLES={tunables}"
+    return None
+
+
+def retain_freed_memory() -> bool:
+    """Sets glibc's malloc to keep freed memory in the process (see the module docstring).
+
+    Returns True if the settings took effect, False (with the reason logged) where another allocator or
+    the user's own malloc settings are in charge, or where glibc refused a setting.
+    """
+    reason = allocator_in_charge()
+    if reason is not None:
+        logging.info("host memory: leaving malloc as it is (%s)", reason)
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    refused = [param for param, value in _SETTINGS if libc.mallopt(param, value) != 1]
+    if refused:
+        logging.warning("host memory: glibc refused mallopt parameters %s", refused)
+        return False
+    logging.info(
+        "host memory: malloc keeps freed memory (no blocks mapped on their own; trim above %d MiB)",
+        TRIM_THRESHOLD_BYTES >> 20,
+    )
+    return True
