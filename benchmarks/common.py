@@ -85,8 +85,8 @@ def machine_description() -> dict[str, Any]:
 
 def set_host_memory(mode: str) -> str:
     """Sets the process's malloc as `train.py` does on CPU ('retain': `resnet_jax.host_memory`) or leaves
-    glibc's defaults ('default'); returns what is in effect, for the JSON result. Call before anything
-    else allocates, as train.py does."""
+    glibc's defaults ('default'); returns what is in effect, for the JSON result. Call before JAX's
+    backend starts, as train.py does."""
     from resnet_jax import host_memory
 
     if mode == "default":
@@ -94,7 +94,9 @@ def set_host_memory(mode: str) -> str:
     if mode != "retain":
         raise ValueError(f"host memory mode {mode!r}: use 'retain' or 'default'")
     if host_memory.retain_freed_memory():
-        return "retained (resnet_jax.host_memory: mmap_max 0, trim_threshold 2 GiB)"
+        return (
+            "retained (resnet_jax.host_memory: mmap_max 0, trim_threshold 2 GiB, sync CPU dispatch)"
+        )
     return f"left as is ({host_memory.allocator_in_charge() or 'glibc refused mallopt'})"
 
 

@@ -1,32 +1,34 @@
 """Keep the heap memory that XLA:CPU frees after every step in the process, instead of handing it back to the OS.
 
 Why: XLA:CPU allocates an executable's temporaries as one block per call (the `preallocated-temp` of its
-buffer assignment: 45 MB for resnet18's 32 px, batch-32 train step) and frees it when the call returns.
-glibc's malloc serves a block above its mmap threshold (which adapts, up to 32 MiB) with a fresh `mmap` and
-unmaps it on `free`, so every step touches that memory anew and the kernel zero-fills it page by page: on a
-2-core AMD EPYC Zen 4, resnet18's 32 px train step took 10,900 page faults and ~28 ms of system CPU per
-70-90 ms step (benchmarks/README.md).
+buffer assignment: 45 MB for resnet18's 32 px, batch-32 train step; 605 MB for resnet50's 128 px, batch 16)
+and frees it when the call returns. glibc's malloc serves a block above its mmap threshold (which adapts, up
+to 32 MiB) with a fresh `mmap` and unmaps it on `free`, so every step touches that memory anew and the
+kernel zero-fills it page by page: on a 2-core AMD EPYC Zen 4, 10,900 page faults and ~30 ms of system CPU
+per resnet18 step of 70-90 ms, 160,000 faults and ~0.4 s per resnet50 step of 1.2-1.6 s
+(benchmarks/README.md).
 
-What `retain_freed_memory` sets, process-wide (glibc's `mallopt`):
+What `retain_freed_memory` sets, process-wide:
 
-* `M_MMAP_MAX = 0`: no block gets a mapping of its own; blocks come from the heaps and go back to them;
-* `M_TRIM_THRESHOLD = 2 GiB - 1`: free memory at the top of the main heap is returned only past 2 GiB.
+* glibc's `M_MMAP_MAX = 0`: no block gets a mapping of its own; blocks come from the heaps and go back to
+  them;
+* glibc's `M_TRIM_THRESHOLD = 2 GiB - 1`: free memory at the top of the main heap is returned only past it;
+* JAX's `jax_cpu_enable_async_dispatch = False`: a single-device computation runs on the thread that calls
+  it, so XLA allocates its temporaries there. The main thread's heap grows without limit and keeps them;
+  a worker thread's heaps are capped at 64 MiB, and glibc maps a larger block afresh whatever
+  `M_MMAP_MAX` says (with async dispatch, resnet50's step kept its 160,000 faults). The training loop
+  loses nothing measurable by it (the default job ran 50 s against 58-62 s with async dispatch).
 
-After it the same step takes under 100 page faults (usually under 30) and 2-4 ms of system CPU. The cost:
-the process keeps its peak heap, as a training process does anyway from its second step on.
+After it the same steps take under 10 page faults and 2-10 ms of system CPU. The cost: the process keeps
+its peak heap, as a training process does anyway from its second step on. (`M_ARENA_MAX = 1`, every thread
+on the main heap, also kept the large blocks, but cost resnet18's step 15-25% more user CPU in lock
+contention.)
 
-What it cannot keep: a block over 64 MiB that a thread other than the main one allocates. glibc's
-per-thread heaps are capped at 64 MiB and serve such a block with its own mapping whatever `M_MMAP_MAX`
-says, and XLA's executor thread allocates the temporaries when JAX dispatches asynchronously (resnet50 at
-128 px, batch 16: a 605 MB block, 160,000 faults per step). `M_ARENA_MAX = 1` (every thread on the main
-heap) kept that too but cost resnet18's step 15-25% more user CPU in lock contention, and
-`jax_cpu_enable_async_dispatch=False` keeps it but stops the training loop overlapping the next step's
-dispatch with the current step; neither is set here.
-
+It must run before JAX starts its backend (the dispatch mode is fixed when the CPU client is made).
 Users who run jemalloc or tcmalloc (`LD_PRELOAD`) or set `GLIBC_TUNABLES` malloc options keep their own
 choice: this then changes nothing. `train.py` calls it first thing when JAX will run on the CPU alone
 (`config.retain_host_memory`, `jax_runs_on_cpu_only`); nothing calls it on import, and GPU and TPU runs
-keep glibc's defaults.
+keep their defaults.
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ def retain_freed_memory() -> bool:
     if reason is not None:
         logging.info("host memory: leaving malloc as it is (%s)", reason)
         return False
+    if _backend_started():
+        logging.warning(
+            "host memory: JAX's backend has started, so its dispatch mode is fixed and temporaries over "
+            "64 MiB are still mapped afresh each call; call retain_freed_memory before JAX runs"
+        )
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
@@ -106,7 +114,16 @@ def retain_freed_memory() -> bool:
         logging.warning("host memory: glibc refused mallopt parameters %s", refused)
         return False
     logging.info(
-        "host memory: malloc keeps freed memory (no blocks mapped on their own; trim above %d MiB)",
+        "host memory: malloc keeps freed memory (no blocks mapped on their own, trim above %d MiB, "
+        "single-device computations run on the calling thread)",
         TRIM_THRESHOLD_BYTES >> 20,
     )
     return True
+
+
+def _backend_started() -> bool:
+    # A private function of jax (there is no public one); if it goes away, assume not started.
+    from jax._src import xla_bridge
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started and started())

@@ -17,6 +17,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BAD_VALUES = {
     "model": [3, "resnet19"],
     "zero_init_residual": ["yes"],
+    "retain_host_memory": ["yes", 1],
     "dtype": [16, "float16"],
     "dataset": [None, ""],
     "data_dir": [7],

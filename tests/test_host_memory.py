@@ -22,9 +22,9 @@ glibc_only = pytest.mark.skipif(
     reason="mallopt is glibc's (Linux); elsewhere retain_freed_memory does nothing, tested below",
 )
 
-# A step whose 48 MiB matmul output is read twice (a column max and its last row), so XLA:CPU keeps it as
+# A step whose 96 MiB matmul output is read twice (a column max and its last row), so XLA:CPU keeps it as
 # the call's temporary block and frees it when the call returns, like a train step's activations. Above
-# glibc's largest mmap threshold (32 MiB), below its per-thread heap cap (64 MiB; see host_memory).
+# glibc's largest mmap threshold (32 MiB) and its per-thread heap cap (64 MiB; see host_memory).
 _FAULTS_PER_CALL = r"""
 import json, resource, sys
 from resnet_jax import host_memory
@@ -36,7 +36,7 @@ def step(x, w):
     h = x @ w
     return h.max(axis=0).sum() + h[-1].sum()
 
-x, w = jnp.ones((6144, 64), jnp.float32), jnp.ones((64, 2048), jnp.float32)
+x, w = jnp.ones((12288, 64), jnp.float32), jnp.ones((64, 2048), jnp.float32)
 for _ in range(2):
     step(x, w).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -68,10 +68,10 @@ def test_retained_memory_is_not_faulted_in_again_on_every_call():
     default = _faults_per_call("default")
     retained = _faults_per_call("retain")
     pages = default["temp"] / 4096
-    assert 32 * 2**20 < default["temp"] < 64 * 2**20
+    assert default["temp"] > 64 * 2**20
     # The premise: under glibc's defaults every call faults its temporary block in page by page.
     assert not default["retained"] and default["faults"] > 0.9 * pages, default
-    # Retained: the block is reused; what is left is a handful of faults (measured 0-100).
+    # Retained: the block is reused; what is left is a handful of faults (measured under 1 per call).
     assert retained["retained"] and retained["faults"] < 0.02 * pages, retained
 
 
