@@ -35,7 +35,6 @@ keep their defaults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -107,7 +106,9 @@ def retain_freed_memory() -> bool:
             "64 MiB are still mapped afresh each call; call retain_freed_memory before JAX runs"
         )
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(
+        None
+    )  # the process's own symbols, glibc's among them (no ldconfig subprocess)
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
     refused = [param for param, value in _SETTINGS if libc.mallopt(param, value) != 1]

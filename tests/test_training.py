@@ -221,6 +221,7 @@ def test_a_cpu_run_keeps_the_memory_xla_frees(tiny_run):
     """train.py sets malloc up as resnet_jax.host_memory says before the run starts (CPU-only JAX here)."""
     _, result = tiny_run
     assert "host memory: malloc keeps freed memory" in result.stderr
+    assert "JAX's backend has started" not in result.stderr  # in time to set the dispatch mode
 
 
 @pytest.mark.parametrize("failing_part", ["compile_steps", "train_batches_from"])
