@@ -22,8 +22,8 @@ What `retain_freed_memory` sets, process-wide:
 
 After it the same steps take under 10 page faults and 2-10 ms of system CPU. The cost: the process keeps
 its peak heap, as a training process does anyway from its second step on. (`M_ARENA_MAX = 1`, every thread
-on the main heap, also kept the large blocks, but cost resnet18's step 15-25% more user CPU in lock
-contention.)
+on the main heap, also kept the large blocks, but resnet18's step took 118-134 ms of user CPU against
+99-122 without it: lock contention.)
 
 It must run before JAX starts its backend (the dispatch mode is fixed when the CPU client is made).
 Users who run jemalloc or tcmalloc (`LD_PRELOAD`) or set `GLIBC_TUNABLES` malloc options keep their own
