@@ -165,7 +165,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    if _CONFIG.value.get("retain_host_memory") and host_memory.jax_runs_on_cpu_only():
+    if _CONFIG.value.get("retain_host_memory"):
         # Before JAX's backend starts: it fixes the CPU client's dispatch mode.
         host_memory.retain_freed_memory()
     try:

@@ -93,13 +93,11 @@ def set_host_memory(mode: str) -> str:
         return "glibc defaults"
     if mode != "retain":
         raise ValueError(f"host memory mode {mode!r}: use 'retain' or 'default'")
-    if not host_memory.jax_runs_on_cpu_only():
-        return "glibc defaults (JAX has an accelerator; train.py sets nothing there either)"
     if host_memory.retain_freed_memory():
         return (
             "retained (resnet_jax.host_memory: mmap_max 0, trim_threshold 2 GiB, sync CPU dispatch)"
         )
-    return f"left as is ({host_memory.allocator_in_charge() or 'glibc refused mallopt'})"
+    return f"left as is ({host_memory.reason_to_leave_alone() or 'glibc refused mallopt'})"
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

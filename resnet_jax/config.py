@@ -49,8 +49,8 @@ def _add_model_and_data_keys(config: ml_collections.ConfigDict) -> None:
     # every step that took over a second to compile. "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_compilation_cache"
     # CPU runs: glibc's malloc keeps the memory XLA frees after each step instead of returning it to the OS
-    # and page-faulting it back in (resnet_jax.host_memory: resnet18 at 32 px, ~25 ms of kernel time per
-    # 66 ms step). False leaves malloc as it is. GPU and TPU runs never change it.
+    # and page-faulting it back in (resnet_jax.host_memory: resnet18 at 32 px, ~28 ms of kernel time per
+    # 70-90 ms step). False leaves malloc as it is. GPU and TPU runs never change it.
     config.retain_host_memory = True
 
     # Data (resnet_jax.data).

@@ -27,9 +27,8 @@ on the main heap, also kept the large blocks, but resnet18's step took 118-134 m
 
 It must run before JAX starts its backend (the dispatch mode is fixed when the CPU client is made).
 Users who run jemalloc or tcmalloc (`LD_PRELOAD`) or set `GLIBC_TUNABLES` malloc options keep their own
-choice: this then changes nothing. `train.py` calls it first thing when JAX will run on the CPU alone
-(`config.retain_host_memory`, `jax_runs_on_cpu_only`); nothing calls it on import, and GPU and TPU runs
-keep their defaults.
+choice, and GPU and TPU runs keep their defaults: this then changes nothing (`reason_to_leave_alone`).
+`train.py` calls it first thing (`config.retain_host_memory`); nothing calls it on import.
 """
 
 from __future__ import annotations
@@ -90,13 +89,22 @@ def allocator_in_charge() -> str | None:
     return None
 
 
-def retain_freed_memory() -> bool:
-    """Sets glibc's malloc to keep freed memory in the process (see the module docstring).
+def reason_to_leave_alone() -> str | None:
+    """Why `retain_freed_memory` changes nothing here (JAX has an accelerator, another allocator or the user's
+    own malloc settings are in charge), or None where it applies."""
+    if not jax_runs_on_cpu_only():
+        return "JAX runs on an accelerator here (jax_platforms or an installed PJRT plugin)"
+    return allocator_in_charge()
 
-    Returns True if the settings took effect, False (with the reason logged) where another allocator or
-    the user's own malloc settings are in charge, or where glibc refused a setting.
+
+def retain_freed_memory() -> bool:
+    """Sets glibc's malloc to keep freed memory in the process, and JAX to run single-device CPU
+    computations on the calling thread (see the module docstring).
+
+    Returns True if the settings took effect; False, changing nothing, where `reason_to_leave_alone` gives
+    a reason or glibc refused a setting (both logged).
     """
-    reason = allocator_in_charge()
+    reason = reason_to_leave_alone()
     if reason is not None:
         logging.info("host memory: leaving malloc as it is (%s)", reason)
         return False
@@ -105,16 +113,15 @@ def retain_freed_memory() -> bool:
             "host memory: JAX's backend has started, so its dispatch mode is fixed and temporaries over "
             "64 MiB are still mapped afresh each call; call retain_freed_memory before JAX runs"
         )
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    libc = ctypes.CDLL(
-        None
-    )  # the process's own symbols, glibc's among them (no ldconfig subprocess)
+    # The process's own symbols, glibc's among them (no ldconfig subprocess, as find_library would run).
+    libc = ctypes.CDLL(None)
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
     refused = [param for param, value in _SETTINGS if libc.mallopt(param, value) != 1]
     if refused:
         logging.warning("host memory: glibc refused mallopt parameters %s", refused)
         return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     logging.info(
         "host memory: malloc keeps freed memory (no blocks mapped on their own, trim above %d MiB, "
         "single-device computations run on the calling thread)",

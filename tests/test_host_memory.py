@@ -87,6 +87,10 @@ def test_another_allocator_or_the_users_own_malloc_settings_are_left_alone(monke
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert host_memory.retain_freed_memory() is False
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(host_memory, "jax_runs_on_cpu_only", lambda: False)  # a GPU or TPU run
+    assert host_memory.reason_to_leave_alone().startswith("JAX runs on an accelerator")
+    assert host_memory.retain_freed_memory() is False
     assert called == []  # mallopt was never reached
 
 
