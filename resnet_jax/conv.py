@@ -1,8 +1,8 @@
 """Convolutions that XLA:CPU runs fast, drop-in for `flax.linen.Conv` in the ResNets: choosing a form per shape.
 
-`resnet_jax.conv_forms` holds the equivalent forms of a conv (XLA's own, im2col + one matmul, the per-tap
-kernel gradient, Winograd, space-to-depth for the stem) and says why each exists. This module picks one per
-conv shape and runs it:
+`resnet_jax.conv_forms` holds the equivalent forms of a conv (XLA's own, im2col + one matmul or one per region
+of the output map, the per-tap kernel gradient, Winograd, space-to-depth for the stem) and says why each
+exists. This module picks one per conv shape and runs it:
 
 * `select_form`: the form for one conv, per `RESNET_JAX_CONV_FORM` (see `resnet_jax.conv_autotune`): timed
   once per shape and cached (`auto`), the measured rule `static_form` (`static`), or a pinned form name;
@@ -79,7 +79,9 @@ def select_form(
             )
         supported = form_supports(mode, kernel_shape, strides, padding, feature_group_count, dtype)
         return mode if supported else static
-    candidates = candidate_forms(kernel_shape, strides, padding, feature_group_count, dtype)
+    candidates = candidate_forms(
+        kernel_shape, strides, padding, feature_group_count, dtype, x_shape=x_shape
+    )
     kh, kw, cin, cout = kernel_shape
     n = x_shape[0]
     out_h = output_size(

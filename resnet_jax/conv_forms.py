@@ -14,6 +14,9 @@ So `FORMS` holds, by name:
   paddings);
 * `im2col`: one matmul of the patch matrix with the kernel, skipping the taps that fall wholly in the padding
   (they multiply only zeros); a 1x1 conv is one matmul over the (strided) input;
+* `region_im2col`: one matmul per region of output positions (corners, edges, interior), each over only the
+  taps that read real input there: no product with padding at all (2.25x fewer products than im2col at 2x2
+  maps; `resnet_jax.im2col`);
 * `tap_grad`: `lax` forward and input gradient, the kernel gradient as one matmul per tap (`custom_vjp`);
 * `winograd2`/`winograd4` and `lax_winograd*_grad`: Winograd F(2x2)/F(4x4, 3x3) (`resnet_jax.winograd`), for
   the whole conv or for the kernel gradient only;
@@ -36,6 +39,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_jax import winograd
+from resnet_jax.im2col import (
+    im2col_conv,
+    output_size,
+    pad_map,
+    region_im2col_conv,
+    region_products,
+    tap_input,
+)
 
 Dtype = Any
 Padding = Sequence[tuple[int, int]]
@@ -46,6 +57,11 @@ Padding = Sequence[tuple[int, int]]
 # 16x16 and loses at 32x32.
 SMALL_MAP = 8
 TAP_GRAD_MAP = 16
+# The region form is timed where it multiplies at most REGION_TIMED_FRACTION of im2col's products (3x3 convs
+# with padding 1 on maps up to 4x4; at 8x8 it saves 16% and lost to im2col and Winograd when timed), and is the
+# choice without timing where it multiplies at most REGION_STATIC_FRACTION (2x2 maps, 0.44).
+REGION_TIMED_FRACTION = 0.75
+REGION_STATIC_FRACTION = 0.5
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -68,73 +84,6 @@ def lax_conv(
     )
 
 
-def output_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
-    """Output positions along one axis of a conv with this kernel size, stride and (before, after) padding."""
-    return (size + pad[0] + pad[1] - kernel) // stride + 1
-
-
-def _live_offsets(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> list[int]:
-    """Kernel offsets along one axis that read at least one real (non-padding) input position."""
-    out = output_size(size, kernel, stride, pad)
-    return [
-        k for k in range(kernel) if any(0 <= k - pad[0] + stride * o < size for o in range(out))
-    ]
-
-
-def _tap(x_padded: jax.Array, i: int, j: int, strides: tuple[int, int], out_hw: tuple[int, int]):
-    """The input positions that kernel tap (i, j) multiplies, for every output position: (N, Ho, Wo, C)."""
-    (sh, sw), (ho, wo) = strides, out_hw
-    return x_padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-
-
-def _pad(x: jax.Array, padding: Padding) -> jax.Array:
-    if not any(p for pair in padding for p in pair):
-        return x
-    return jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-
-
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """(N, H, W, K) @ (K, O) -> (N, H, W, O), as a 2-D (N*H*W, K) @ (K, O) matmul.
-
-    Flattened first on purpose: with the 4-D `dot_general`, XLA:CPU gives the kernel gradient (a contraction
-    over N, H, W) a transposed copy of one operand, and in a train step computes the BatchNorm backward that
-    produces the output gradient twice, once transposed for that dot. The 2-D form's kernel gradient is one
-    dot contracting both operands' leading dimension, with no copy (resnet50 at 128 px: +18-22% images/s,
-    benchmarks/README.md).
-    """
-    n, h, w_, k = x.shape
-    return jnp.dot(x.reshape(n * h * w_, k), w).reshape(n, h, w_, w.shape[-1])
-
-
-def im2col_conv(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
-) -> jax.Array:
-    """The conv as one matmul of the patch matrix with the kernel, taps wholly in padding skipped."""
-    kh, kw, _, _ = kernel.shape
-    _, h, w, _ = x.shape
-    out_hw = (
-        output_size(h, kh, strides[0], padding[0]),
-        output_size(w, kw, strides[1], padding[1]),
-    )
-    rows = _live_offsets(h, kh, strides[0], padding[0])
-    cols = _live_offsets(w, kw, strides[1], padding[1])
-    x_padded = _pad(x, padding)
-    patches = [_tap(x_padded, i, j, strides, out_hw) for i in rows for j in cols]
-    if rows == list(range(rows[0], rows[-1] + 1)) and cols == list(range(cols[0], cols[-1] + 1)):
-        # The live taps are one block of the kernel, in the patches' (row, column, channel) order: a
-        # reshape, with no copy where every tap is live. Concatenating the taps' slices instead made XLA:CPU
-        # copy each tap and then the whole matrix (and the same in the gradient): about 2 ms per 3x3 conv of
-        # resnet18's 2x2-map stage at 32 px, 7% of the step on an AMD EPYC Zen 4.
-        weights = kernel[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].reshape(
-            -1, kernel.shape[-1]
-        )
-    else:  # a gap in the live offsets (a stride above the input size, with wide padding)
-        weights = jnp.concatenate([kernel[i, j] for i in rows for j in cols], axis=0)
-    if len(patches) == 1:
-        return _matmul(patches[0], weights)
-    return _matmul(jnp.concatenate(patches, axis=-1), weights)
-
-
 def _kernel_grad_by_taps(
     x: jax.Array,
     grad_out: jax.Array,
@@ -145,11 +94,11 @@ def _kernel_grad_by_taps(
     """d(loss)/d(kernel) as one (C, N*Ho*Wo) @ (N*Ho*Wo, O) matmul per tap."""
     kh, kw, _, _ = kernel_shape
     out_hw = grad_out.shape[1:3]
-    x_padded = _pad(x, padding)
+    x_padded = pad_map(x, padding)
     contract_nhw = (((0, 1, 2), (0, 1, 2)), ((), ()))
     taps = [
         [
-            lax.dot_general(_tap(x_padded, i, j, strides, out_hw), grad_out, contract_nhw)
+            lax.dot_general(tap_input(x_padded, i, j, strides, out_hw), grad_out, contract_nhw)
             for j in range(kw)
         ]
         for i in range(kh)
@@ -268,6 +217,7 @@ FORMS: dict[str, Callable[..., jax.Array]] = {
     "lax": lax_conv,
     "tap_grad": lambda x, k, s, p, g=1: conv_with_tap_kernel_grad(x, k, s, p),
     "im2col": lambda x, k, s, p, g=1: im2col_conv(x, k, s, p),
+    "region_im2col": lambda x, k, s, p, g=1: region_im2col_conv(x, k, s, p),
     "winograd2": winograd_form(2),
     "winograd4": winograd_form(4),
     "lax_winograd2_grad": functools.partial(conv_with_winograd_kernel_grad, tile=2),
@@ -320,6 +270,8 @@ def static_form(
     out_h = output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = output_size(x_shape[2], kw, strides[1], padding[1])
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
+        if region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_STATIC_FRACTION:
+            return "region_im2col"
         return "im2col"
     # Beyond SMALL_MAP, F(4x4) took 0.6-0.8x lax's time for forward + gradients on the Intel CPU measured and
     # about half on the AMD one (benchmarks/README.md).
@@ -330,14 +282,27 @@ def static_form(
     return "tap_grad"
 
 
+def region_fraction(
+    x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int], padding: Padding
+) -> float:
+    """The region form's products as a fraction of im2col's for this conv (1.0: no padding to skip)."""
+    region, dense = region_products(x_shape[1:3], kernel_shape[:2], strides, padding)
+    return region / dense if dense else 1.0
+
+
 def candidate_forms(
     kernel_shape: Sequence[int],
     strides: tuple[int, int],
     padding: Padding | str,
     feature_group_count: int = 1,
     dtype: Dtype = jnp.float32,
+    x_shape: Sequence[int] | None = None,
 ) -> list[str]:
-    """The forms the autotuner times for this conv (a 1x1 conv is one matmul: nothing to choose)."""
+    """The forms the autotuner times for this conv (a 1x1 conv is one matmul: nothing to choose).
+
+    The region form is a candidate only where `x_shape` is given and it saves enough products to win
+    (`REGION_TIMED_FRACTION`); elsewhere it is im2col with more, smaller matmuls.
+    """
     if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
         return ["im2col"]
     return [
@@ -345,6 +310,14 @@ def candidate_forms(
         for name in FORMS
         if name not in _NOT_TUNED
         and form_supports(name, kernel_shape, strides, padding, feature_group_count, dtype)
+        and (
+            name != "region_im2col"
+            or (
+                x_shape is not None
+                and region_fraction(x_shape, kernel_shape, strides, padding)
+                <= REGION_TIMED_FRACTION
+            )
+        )
     ]
 
 
