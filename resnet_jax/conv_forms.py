@@ -57,11 +57,11 @@ Padding = Sequence[tuple[int, int]]
 # 16x16 and loses at 32x32.
 SMALL_MAP = 8
 TAP_GRAD_MAP = 16
-# The region form is timed where it multiplies at most REGION_TIMED_FRACTION of im2col's products (3x3 convs
-# with padding 1 on maps up to 4x4; at 8x8 it saves 16% and lost to im2col and Winograd when timed), and is the
-# choice without timing where it multiplies at most REGION_STATIC_FRACTION (2x2 maps, 0.44).
-REGION_TIMED_FRACTION = 0.75
-REGION_STATIC_FRACTION = 0.5
+# The region form is a candidate, and the choice without timing, where it multiplies at most this fraction of
+# im2col's products: 3x3 convs with padding 1 over 2x2 maps (0.44), where it took 3.1 ms against im2col's 4.1
+# (resnet18 at 32 px, 256 channels, batch 32, forward + gradients, Zen 4). At 4x4 maps (0.69) its nine
+# smaller matmuls lost to im2col's one (3.9 against 3.6 ms; benchmarks/README.md).
+REGION_MAX_FRACTION = 0.5
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -270,7 +270,7 @@ def static_form(
     out_h = output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = output_size(x_shape[2], kw, strides[1], padding[1])
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
-        if region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_STATIC_FRACTION:
+        if region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_MAX_FRACTION:
             return "region_im2col"
         return "im2col"
     # Beyond SMALL_MAP, F(4x4) took 0.6-0.8x lax's time for forward + gradients on the Intel CPU measured and
@@ -301,7 +301,7 @@ def candidate_forms(
     """The forms the autotuner times for this conv (a 1x1 conv is one matmul: nothing to choose).
 
     The region form is a candidate only where `x_shape` is given and it saves enough products to win
-    (`REGION_TIMED_FRACTION`); elsewhere it is im2col with more, smaller matmuls.
+    (`REGION_MAX_FRACTION`); elsewhere it is im2col with more, smaller matmuls.
     """
     if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
         return ["im2col"]
@@ -314,8 +314,7 @@ def candidate_forms(
             name != "region_im2col"
             or (
                 x_shape is not None
-                and region_fraction(x_shape, kernel_shape, strides, padding)
-                <= REGION_TIMED_FRACTION
+                and region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_MAX_FRACTION
             )
         )
     ]
