@@ -28,7 +28,8 @@ on the main heap, also kept the large blocks, but resnet18's step took 118-134 m
 It must run before JAX starts its backend (the dispatch mode is fixed when the CPU client is made).
 Users who run jemalloc or tcmalloc (`LD_PRELOAD`) or set `GLIBC_TUNABLES` malloc options keep their own
 choice, and GPU and TPU runs keep their defaults: this then changes nothing (`reason_to_leave_alone`).
-`train.py` calls it first thing (`config.retain_host_memory`); nothing calls it on import.
+`train.py` calls it first thing (`config.retain_host_memory`), as does `python -m resnet_jax.predict`;
+nothing calls it on import.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from resnet_jax import steps
+from resnet_jax import host_memory, steps
 from resnet_jax.config import base_config
 from resnet_jax.data import DataError, dataset_info, eval_preprocessor, transforms
 from resnet_jax.data.pipeline import normalization_stats
@@ -395,4 +395,5 @@ def _run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 if __name__ == "__main__":
+    host_memory.retain_freed_memory()  # the command owns its process; main() alone leaves it as it is
     sys.exit(main())

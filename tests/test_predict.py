@@ -2,6 +2,8 @@
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -127,6 +129,23 @@ def test_cli_errors_are_one_line_with_exit_code_2(
 def test_cli_missing_checkpoint_exit_code_2(image_files, tmp_path, capsys):
     assert predict.main(["--checkpoint", str(tmp_path / "nope"), image_files[0]]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_the_command_keeps_the_memory_xla_frees_set_before_jax_starts(checkpoint_10, image_files):
+    """`python -m resnet_jax.predict` sets malloc up before JAX starts (resnet_jax.host_memory), as train.py
+    does. Only the command: `predict.main()` called from another program leaves its allocator alone."""
+    script = (
+        "import logging, runpy, sys; logging.basicConfig(level=logging.INFO); "
+        f"sys.argv = ['predict', '--checkpoint', {checkpoint_10!r}, {image_files[0]!r}]; "
+        "runpy.run_module('resnet_jax.predict', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == image_files[0]
+    assert "host memory: malloc keeps freed memory" in result.stderr
+    assert "JAX's backend has started" not in result.stderr
 
 
 def test_mismatched_model_names_the_bad_variables():
