@@ -36,6 +36,7 @@ from resnet_jax.conv_forms import (
     im2col_conv,
     lax_conv,
     output_size,
+    region_im2col_conv,
     space_to_depth_conv,
     static_form,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "form_supports",
     "im2col_conv",
     "lax_conv",
+    "region_im2col_conv",
     "select_form",
     "space_to_depth_conv",
     "static_form",

@@ -285,9 +285,13 @@ def static_form(
 def region_fraction(
     x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int], padding: Padding
 ) -> float:
-    """The region form's products as a fraction of im2col's for this conv (1.0: no padding to skip)."""
+    """The region form's products as a fraction of im2col's for this conv (1.0: no padding to skip).
+
+    0.0 where every output reads only padding: im2col has no live tap to build a patch from, the region form
+    returns the zeros.
+    """
     region, dense = region_products(x_shape[1:3], kernel_shape[:2], strides, padding)
-    return region / dense if dense else 1.0
+    return region / dense if dense else 0.0
 
 
 def candidate_forms(

@@ -13,7 +13,7 @@ Both forms here skip products that can only be zero:
   4x4 (100 against 144), 1.19x at 8x8.
 
 Both compute the same sums as `lax.conv_general_dilated` (the dropped products are exact zeros), in another
-order: float32 rounding apart (tests/test_conv.py).
+order: float32 rounding apart (tests/test_im2col.py, tests/test_conv.py).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def region_im2col_conv(
     """The conv as one matmul per region of output positions, each over only the taps it reads real input at.
 
     A region of one position (every region at 2x2 maps) reads a block of the input map: its patch row is that
-    block reshaped, with no copy. Larger regions gather their taps as strided slices, as im2col does.
+    block reshaped (at 2x2 maps the whole map, with no copy). Larger regions gather their taps as strided
+    slices, as im2col does.
     """
     n, h, w, _ = x.shape
     kh, kw, _, features = kernel.shape

@@ -48,6 +48,18 @@ def test_first_use_times_the_candidates_and_caches_the_fastest_on_disk(tuner, mo
     assert conv.select_form(x.shape, kernel.shape, (1, 1), PADDING) == chosen
 
 
+def test_select_form_times_the_region_form_where_the_input_map_makes_it_a_candidate(tuner):
+    # The region form depends on the input's size (conv_forms.candidate_forms' x_shape): at 2x2 maps it is
+    # timed with the others; at 8x8 it is not a candidate.
+    for x_shape, timed in [((2, 2, 2, 4), True), ((2, 8, 8, 4), False)]:
+        conv.select_form(x_shape, (3, 3, 4, 4), (1, 1), PADDING)
+        with open(conv_autotune.cache_path()) as f:
+            table = json.load(f)
+        (entry,) = [v for k, v in table.items() if k.startswith(f"x{x_shape}")]
+        assert ("region_im2col" in entry["ms"]) == timed
+        assert "im2col" in entry["ms"]
+
+
 def test_choosing_inside_jit_and_grad_computes_the_conv(tuner):
     x = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))

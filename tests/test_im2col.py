@@ -37,6 +37,13 @@ CASES = [
     (9, 9, 7, 2, ((3, 3), (3, 3))),  # a stem
     (6, 6, 3, 1, ((0, 0), (0, 0))),  # no padding: one region, im2col itself
     (4, 4, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection
+    (
+        1,
+        1,
+        1,
+        2,
+        ((1, 1), (1, 1)),
+    ),  # every output reads only padding: zeros (im2col has no tap to take)
 ]
 
 
@@ -77,6 +84,28 @@ def test_region_im2col_outputs_and_grads_equal_lax_conv(
             assert_close_to_scale(a, e, rtol)
 
 
+def test_region_im2col_with_non_square_kernels_and_strides_batch_1_and_bfloat16():
+    padding = ((2, 1), (0, 2))
+    x = jax.random.normal(jax.random.key(0), (1, 5, 3, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 2, 4, 6))
+    with jax.enable_x64():
+        x64, k64 = x.astype(jnp.float64), kernel.astype(jnp.float64)
+        expected = output_and_grads(conv_forms.lax_conv, x64, k64, (2, 1), padding)
+        actual = output_and_grads(region_im2col_conv, x64, k64, (2, 1), padding)
+        for a, e in zip(actual, expected, strict=True):
+            assert_close_to_scale(a, e, 1e-12)
+    # bfloat16 in, bfloat16 out, within bfloat16 rounding (8 bits of mantissa) of lax's float32 result.
+    y = region_im2col_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (2, 1), padding)
+    assert y.dtype == jnp.bfloat16
+    reference = conv_forms.lax_conv(
+        x.astype(jnp.bfloat16).astype(jnp.float32),
+        kernel.astype(jnp.bfloat16).astype(jnp.float32),
+        (2, 1),
+        padding,
+    )
+    assert_close_to_scale(y.astype(jnp.float32), reference, 2e-2)
+
+
 def real_products(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
     """(output position, kernel offset) pairs along one axis that read a real input: counted one by one."""
     return sum(
@@ -94,9 +123,15 @@ def test_region_form_multiplies_exactly_the_real_inputs_and_im2col_its_live_taps
         if output_size(size, kernel, stride, pad) < 1:
             continue
         runs = output_regions(size, kernel, stride, pad)
-        # The runs tile the output positions in order, and each one's offsets are exactly the real ones.
+        # The runs tile the output positions in order; each position's offsets are exactly the ones that
+        # read real input; neighbouring runs differ (as few matmuls as the map allows).
         assert [start for start, *_ in runs] == [0] + [stop for _, stop, *_ in runs[:-1]]
         assert runs[-1][1] == output_size(size, kernel, stride, pad)
+        for start, stop, first, end in runs:
+            for position in range(start, stop):
+                real = [k for k in range(kernel) if 0 <= position * stride - pad[0] + k < size]
+                assert list(range(first, end)) == real, (size, kernel, stride, pad, position)
+        assert all(a[2:] != b[2:] for a, b in itertools.pairwise(runs))
         region, dense = region_products((size, 1), (kernel, 1), (stride, 1), (pad, (0, 0)))
         assert region == real_products(size, kernel, stride, pad)
         out = output_size(size, kernel, stride, pad)
@@ -130,6 +165,9 @@ def test_region_form_is_timed_and_chosen_without_timing_only_where_it_halves_the
     assert "region_im2col" not in conv_forms.candidate_forms(kernel, (1, 1), padding)
     assert conv_forms.static_form(tiny, kernel, (1, 1), padding) == "region_im2col"
     assert conv_forms.static_form(small, kernel, (1, 1), padding) == "im2col"
+    # Outputs that all read only padding: the region form (zeros), not im2col (no live tap to take).
+    strided_past = ((1, 1, 1, 2), (1, 1, 2, 2), (2, 2), padding)
+    assert conv_forms.static_form(*strided_past) == "region_im2col"
 
 
 def test_im2col_and_region_form_agree_where_there_is_no_padding_to_skip():

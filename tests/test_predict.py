@@ -1,6 +1,8 @@
 """`python -m resnet_jax.predict`: top-k classes of a saved checkpoint on generated image files."""
 
 import os
+import pathlib
+import platform
 import struct
 import subprocess
 import sys
@@ -131,16 +133,27 @@ def test_cli_missing_checkpoint_exit_code_2(image_files, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="mallopt is glibc's; elsewhere retain_freed_memory does nothing (tests/test_host_memory.py)",
+)
 def test_the_command_keeps_the_memory_xla_frees_set_before_jax_starts(checkpoint_10, image_files):
     """`python -m resnet_jax.predict` sets malloc up before JAX starts (resnet_jax.host_memory), as train.py
-    does. Only the command: `predict.main()` called from another program leaves its allocator alone."""
+    does. Only the command: `predict.main()` called from another program leaves its allocator alone.
+
+    CPU-only JAX with glibc's own malloc, the case where the setting applies (the cases it leaves alone are
+    tests/test_host_memory.py's).
+    """
     script = (
         "import logging, runpy, sys; logging.basicConfig(level=logging.INFO); "
         f"sys.argv = ['predict', '--checkpoint', {checkpoint_10!r}, {image_files[0]!r}]; "
         "runpy.run_module('resnet_jax.predict', run_name='__main__')"
     )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == image_files[0]
