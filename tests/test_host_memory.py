@@ -37,15 +37,15 @@ def step(x, w):
     return h.max(axis=0).sum() + h[-1].sum()
 
 x, w = jnp.ones((12288, 64), jnp.float32), jnp.ones((64, 2048), jnp.float32)
-for _ in range(2):
+for _ in range(3):
     step(x, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-calls = 5
-for _ in range(calls):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x, w).block_until_ready()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 temp = step.lower(x, w).compile().memory_analysis().temp_size_in_bytes
-print(json.dumps({"retained": retained, "faults": (after - before) / calls, "temp": temp}))
+print(json.dumps({"retained": retained, "faults": sorted(faults)[len(faults) // 2], "temp": temp}))
 """
 
 
@@ -69,9 +69,12 @@ def test_retained_memory_is_not_faulted_in_again_on_every_call():
     retained = _faults_per_call("retain")
     pages = default["temp"] / 4096
     assert default["temp"] > 64 * 2**20
-    # The premise: under glibc's defaults every call faults its temporary block in page by page.
+    # Faults per call, the median of 9 calls. The premise: under glibc's defaults every call faults its
+    # temporary block in page by page.
     assert not default["retained"] and default["faults"] > 0.9 * pages, default
-    # Retained: the block is reused; what is left is a handful of faults (measured under 1 per call).
+    # Retained: the block is reused; what is left is a handful of faults (measured under 1 per call). Now
+    # and then the heap still grows by a block (a small allocation landed in the freed one: a CI run under
+    # load saw 2 such calls of 5), hence the median rather than the mean.
     assert retained["retained"] and retained["faults"] < 0.02 * pages, retained
 
 
