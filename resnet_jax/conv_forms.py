@@ -270,7 +270,7 @@ def static_form(
     out_h = output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = output_size(x_shape[2], kw, strides[1], padding[1])
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
-        if region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_MAX_FRACTION:
+        if region_pays(x_shape, kernel_shape, strides, padding):
             return "region_im2col"
         return "im2col"
     # Beyond SMALL_MAP, F(4x4) took 0.6-0.8x lax's time for forward + gradients on the Intel CPU measured and
@@ -282,16 +282,14 @@ def static_form(
     return "tap_grad"
 
 
-def region_fraction(
+def region_pays(
     x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int], padding: Padding
-) -> float:
-    """The region form's products as a fraction of im2col's for this conv (1.0: no padding to skip).
-
-    0.0 where every output reads only padding: im2col has no live tap to build a patch from, the region form
-    returns the zeros.
-    """
+) -> bool:
+    """Whether the region form is worth timing or taking without timing: it needs at most
+    `REGION_MAX_FRACTION` of im2col's products. Also where every output reads only padding (both counts 0):
+    im2col has no live tap to build a patch from, the region form returns the zeros."""
     region, dense = region_products(x_shape[1:3], kernel_shape[:2], strides, padding)
-    return region / dense if dense else 0.0
+    return region <= REGION_MAX_FRACTION * dense
 
 
 def candidate_forms(
@@ -309,18 +307,18 @@ def candidate_forms(
     """
     if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
         return ["im2col"]
+    skipped = set(_NOT_TUNED)
+    if (
+        x_shape is None
+        or isinstance(padding, str)
+        or not region_pays(x_shape, kernel_shape, strides, padding)
+    ):
+        skipped.add("region_im2col")
     return [
         name
         for name in FORMS
-        if name not in _NOT_TUNED
+        if name not in skipped
         and form_supports(name, kernel_shape, strides, padding, feature_group_count, dtype)
-        and (
-            name != "region_im2col"
-            or (
-                x_shape is not None
-                and region_fraction(x_shape, kernel_shape, strides, padding) <= REGION_MAX_FRACTION
-            )
-        )
     ]
 
 

@@ -42,7 +42,11 @@ def live_offsets(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> l
 def tap_input(
     x_padded: jax.Array, i: int, j: int, strides: tuple[int, int], out_hw: tuple[int, int]
 ) -> jax.Array:
-    """The input positions that kernel tap (i, j) multiplies, for every output position: (N, Ho, Wo, C)."""
+    """The input positions that kernel tap (i, j) multiplies, for every output position: (N, Ho, Wo, C).
+
+    (Every stride-th position from (i, j): also a region's tap, with (i, j) offset to where the region
+    starts in the unpadded input.)
+    """
     (sh, sw), (ho, wo) = strides, out_hw
     return x_padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
 
@@ -160,11 +164,7 @@ def region_im2col_conv(
                 patches = x[:, y0 + dy0 : y0 + dy1, x0 + dx0 : x0 + dx1, :].reshape(n, 1, 1, -1)
             else:
                 taps = [
-                    x[
-                        :,
-                        y0 + dy : y0 + dy + sh * (rows - 1) + 1 : sh,
-                        x0 + dx : x0 + dx + sw * (cols - 1) + 1 : sw,
-                    ]
+                    tap_input(x, y0 + dy, x0 + dx, strides, (rows, cols))
                     for dy in range(dy0, dy1)
                     for dx in range(dx0, dx1)
                 ]
