@@ -53,9 +53,10 @@ _VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
 # timed, where Winograd beat the static im2col choice 2x at 8x8 maps.
 MIN_TUNED_FLOPS = 1e8
 # Part of the cache file's name: bump it when a form's implementation changes (the 1x1/im2col matmul became a
-# 2-D dot in revision 2; im2col's weights became a reshape of the kernel in revision 3), so that choices timed
-# for the old code are measured again rather than reused.
-FORMS_REVISION = 3
+# 2-D dot in revision 2; im2col's weights became a reshape of the kernel in revision 3; Winograd's products
+# split into independent groups in revision 4), so that choices timed for the old code are measured again
+# rather than reused.
+FORMS_REVISION = 4
 # Timing rounds per candidate (alternating, median); a candidate slower than PRUNE_FACTOR x the best after its
 # first round is dropped.
 ROUNDS = 3

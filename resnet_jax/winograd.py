@@ -7,8 +7,14 @@ Networks", 2015). Each step is a matmul XLA runs on its fast dot path:
 * input transform: the overlapping (m + 2) x (m + 2) input tiles, transformed by one GEMM with
   kron(B^T, B^T) (tile-position axis leading, as the notes in ../shared/notes/cpu-conv.md found fastest);
 * kernel transform: one GEMM with kron(G, G);
-* the products: (m + 2)^2 independent (tiles x C) @ (C x O) matmuls, one batched `dot_general`;
+* the products: (m + 2)^2 independent (tiles x C) @ (C x O) matmuls, as batched `dot_general`s;
 * output transform: one GEMM with kron(A^T, A^T), then the tiles laid back into the map.
+
+The tile positions go through the last three steps in `PRODUCT_PARTS` independent groups whose outputs are
+summed: YNNPACK runs a batched matmul on one thread when each matrix in it is small (a (36, 1024, 64) x
+(36, 64, 64) product used 1.00 CPU-second per second on 2 cores, one (36864, 64) x (64, 64) matmul 1.9), and
+XLA runs independent groups on separate cores at once (forward + gradients on the 2-core Zen 4: 0.52-0.97x the
+one-group time for F(4x4) over ten ResNet shapes, 0.67-1.05x for F(2x2); benchmarks/README.md).
 
 Every step is linear, so autodiff gives both gradients as the transposed steps: the kernel gradient becomes
 (m + 2)^2 matmuls contracting over the tiles, 4x fewer multiplies than XLA's for m = 4. Tiles are gathered by
@@ -60,6 +66,9 @@ _TRANSFORMS = {
 }
 
 TILE_SIZES = tuple(_TRANSFORMS)
+# Independent groups of tile positions (module docstring). Two occupy both cores of the machines measured;
+# more would each re-read the whole tile matrix and add another partial output.
+PRODUCT_PARTS = 2
 
 
 def _kron_transforms(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,15 +127,22 @@ def winograd_conv(
     kron_b, kron_g, kron_a = (jnp.asarray(k, x.dtype) for k in _kron_transforms(m))
 
     tiles = _tiles(x, m, tiles_h, tiles_w)  # (N, th, t, tw, t, C)
-    tiles = tiles.transpose(2, 4, 0, 1, 3, 5).reshape(t * t, n * tiles_h * tiles_w * c)
-    v = (kron_b @ tiles).reshape(t * t, n * tiles_h * tiles_w, groups, c // groups)
-
+    num_tiles = n * tiles_h * tiles_w
+    tiles = tiles.transpose(2, 4, 0, 1, 3, 5).reshape(t * t, num_tiles * c)
     o = kernel.shape[-1]
-    u = (kron_g @ kernel.reshape(9, -1)).reshape(t * t, c // groups, groups, o // groups)
+    kernel_taps = kernel.reshape(9, -1)
 
-    # Batch over tile positions and groups; contract channels within a group.
-    products = lax.dot_general(v, u, (((3,), (1,)), ((0, 2), (0, 2))))  # (t^2, G, P, O/G)
-    products = products.transpose(0, 2, 1, 3).reshape(t * t, -1)
-    y = (kron_a @ products).reshape(m, m, n, tiles_h, tiles_w, o)
+    y = None
+    bounds = np.linspace(0, t * t, min(PRODUCT_PARTS, t * t) + 1).astype(int)
+    for first, end in zip(bounds[:-1], bounds[1:], strict=True):
+        positions = end - first
+        v = (kron_b[first:end] @ tiles).reshape(positions, num_tiles, groups, c // groups)
+        u = (kron_g[first:end] @ kernel_taps).reshape(positions, c // groups, groups, o // groups)
+        # Batch over tile positions and groups; contract channels within a group.
+        products = lax.dot_general(v, u, (((3,), (1,)), ((0, 2), (0, 2))))  # (positions, G, P, O/G)
+        products = products.transpose(0, 2, 1, 3).reshape(positions, -1)
+        part = kron_a[:, first:end] @ products
+        y = part if y is None else y + part
+    y = y.reshape(m, m, n, tiles_h, tiles_w, o)
     y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, tiles_h * m, tiles_w * m, o)
     return y[:, :out_h, :out_w, :]

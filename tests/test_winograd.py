@@ -62,6 +62,23 @@ def test_winograd_outputs_and_grads_equal_lax_conv(tile, height, width, cin, cou
         assert_close_to_scale(a, e, RTOL[tile])
 
 
+@pytest.mark.parametrize("parts", [1, 3, 16])
+def test_winograd_split_into_any_number_of_product_parts_equals_lax_conv(parts, monkeypatch):
+    """The tile positions' groups (`PRODUCT_PARTS`) only reorder the sums: one group, uneven groups, one
+    position per group (F(2x2) has 16), grouped channels too."""
+    monkeypatch.setattr(winograd, "PRODUCT_PARTS", parts)
+    padding = ((1, 1), (0, 2))
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 8))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    expected = outputs_and_grads(lambda x, k: lax_conv(x, k, (1, 1), padding, 2), x, kernel)
+    for tile in winograd.TILE_SIZES:
+        actual = outputs_and_grads(
+            lambda x, k, tile=tile: winograd.winograd_conv(x, k, padding, tile, 2), x, kernel
+        )
+        for a, e in zip(actual, expected, strict=True):
+            assert_close_to_scale(a, e, RTOL[tile])
+
+
 @pytest.mark.parametrize("tile", winograd.TILE_SIZES)
 def test_lax_forward_with_winograd_kernel_grad_equals_lax_conv(tile):
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 4))
