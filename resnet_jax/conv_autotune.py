@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import re
 import statistics
@@ -57,9 +58,13 @@ MIN_TUNED_FLOPS = 1e8
 # split into independent groups in revision 4), so that choices timed for the old code are measured again
 # rather than reused.
 FORMS_REVISION = 4
-# Timing rounds per candidate (alternating, median); a candidate slower than PRUNE_FACTOR x the best after its
-# first round is dropped.
-ROUNDS = 3
+# Timing rounds per candidate (alternating, median). The first round is one call of each, after which a
+# candidate slower than PRUNE_FACTOR x the best is dropped; every later round times as many consecutive calls
+# as fill MIN_ROUND_SECONDS, so that a millisecond-long conv is not judged by single calls, which one
+# scheduler hiccup on a shared machine can double (timed by single calls in 3 rounds, the 32 px stem's im2col
+# and lax forms swapped places between two timings on the same VM: 5.5 vs 6.7 ms, then 7.1 vs 5.4).
+ROUNDS = 5
+MIN_ROUND_SECONDS = 0.05
 PRUNE_FACTOR = 2.0
 
 _memory: dict[str, str] = {}
@@ -181,15 +186,18 @@ def time_forms(
         jax.block_until_ready(step(x, kernel))  # compile and warm up
         steps[name] = step
     times: dict[str, list[float]] = {name: [] for name in steps}
+    calls = dict.fromkeys(steps, 1)
     for round_index in range(ROUNDS):
         for name in list(steps):
             start = time.perf_counter()
-            jax.block_until_ready(steps[name](x, kernel))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                jax.block_until_ready(steps[name](x, kernel))
+            times[name].append((time.perf_counter() - start) / calls[name])
         if round_index == 0:
             best = min(t[0] for t in times.values())
             for name in [n for n, t in times.items() if t[0] > PRUNE_FACTOR * best]:
                 del steps[name]
+            calls = {name: max(1, math.ceil(MIN_ROUND_SECONDS / times[name][0])) for name in steps}
     return {name: statistics.median(t) for name, t in times.items()}
 
 

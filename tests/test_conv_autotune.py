@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,39 @@ def test_first_use_times_the_candidates_and_caches_the_fastest_on_disk(tuner, mo
     conv_autotune.clear_memory()
     monkeypatch.setattr(conv_autotune, "time_forms", no_timing)
     assert conv.select_form(x.shape, kernel.shape, (1, 1), PADDING) == chosen
+
+
+def test_later_rounds_time_enough_calls_to_fill_the_minimum_round(monkeypatch):
+    """A conv much shorter than MIN_ROUND_SECONDS is timed over many consecutive calls per round, not by
+    single calls; a candidate pruned after the first round is never called again."""
+    monkeypatch.setattr(conv_autotune, "ROUNDS", 3)
+    monkeypatch.setattr(conv_autotune, "MIN_ROUND_SECONDS", 0.02)
+    runs = {"fast": 0, "slow": 0}
+
+    def counted(name, delay):
+        def form(x, kernel):
+            def record():
+                runs[name] += 1
+                time.sleep(delay)
+
+            jax.debug.callback(record)
+            return conv.lax_conv(x, kernel, (1, 1), PADDING)
+
+        return form
+
+    seconds = conv_autotune.time_forms(
+        {"fast": counted("fast", 0.0), "slow": counted("slow", 0.05)},
+        (1, 6, 6, 4),
+        (3, 3, 4, 4),
+        jnp.float32,
+        False,
+    )
+    assert set(seconds) == {"fast", "slow"} and seconds["slow"] > 0.05 > 0.02 > seconds["fast"]
+    # Warm-up and the first round: one call each. "slow" is then pruned (> PRUNE_FACTOR x "fast").
+    assert runs["slow"] == 2
+    # Two later rounds of "fast", each at least ceil(0.02 s / its first call) calls.
+    later_calls = runs["fast"] - 2
+    assert later_calls >= 2 * 5 and later_calls % 2 == 0
 
 
 def test_select_form_times_the_region_form_where_the_input_map_makes_it_a_candidate(tuner):
