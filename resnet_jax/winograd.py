@@ -137,11 +137,15 @@ def winograd_conv(
     for first, end in zip(bounds[:-1], bounds[1:], strict=True):
         positions = end - first
         v = (kron_b[first:end] @ tiles).reshape(positions, num_tiles, groups, c // groups)
+        v = v.transpose(0, 2, 1, 3).reshape(positions * groups, num_tiles, c // groups)
         u = (kron_g[first:end] @ kernel_taps).reshape(positions, c // groups, groups, o // groups)
-        # Batch over tile positions and groups; contract channels within a group.
-        products = lax.dot_general(v, u, (((3,), (1,)), ((0, 2), (0, 2))))  # (positions, G, P, O/G)
-        products = products.transpose(0, 2, 1, 3).reshape(positions, -1)
-        part = kron_a[:, first:end] @ products
+        u = u.transpose(0, 2, 1, 3).reshape(positions * groups, c // groups, o // groups)
+        # One batched matmul over (tile position, group) pairs, contracting the channels within a group: a
+        # single batch axis (with one group the transposes are free), which XLA:CPU ran faster than batch
+        # axes for positions and groups apart (16x8x8x256: 16-23 against 25-34 ms, forward + gradients).
+        products = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (positions * G, P, O/G)
+        products = products.reshape(positions, groups, num_tiles, o // groups)
+        part = kron_a[:, first:end] @ products.transpose(0, 2, 1, 3).reshape(positions, -1)
         y = part if y is None else y + part
     y = y.reshape(m, m, n, tiles_h, tiles_w, o)
     y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, tiles_h * m, tiles_w * m, o)
