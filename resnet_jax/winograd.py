@@ -10,11 +10,12 @@ Networks", 2015). Each step is a matmul XLA runs on its fast dot path:
 * the products: (m + 2)^2 independent (tiles x C) @ (C x O) matmuls, as batched `dot_general`s;
 * output transform: one GEMM with kron(A^T, A^T), then the tiles laid back into the map.
 
-The tile positions go through the last three steps in `PRODUCT_PARTS` independent groups whose outputs are
-summed: YNNPACK runs a batched matmul on one thread when each matrix in it is small (a (36, 1024, 64) x
-(36, 64, 64) product used 1.00 CPU-second per second on 2 cores, one (36864, 64) x (64, 64) matmul 1.9), and
-XLA runs independent groups on separate cores at once (forward + gradients on the 2-core Zen 4: 0.52-0.97x the
-one-group time for F(4x4) over ten ResNet shapes, 0.67-1.05x for F(2x2); benchmarks/README.md).
+After the tile gather, the tile positions go through the transforms and products in `PRODUCT_PARTS`
+independent groups whose outputs are summed: YNNPACK runs a batched matmul on one thread when each matrix in it
+is small (a (36, 1024, 64) x (36, 64, 64) product used 1.00 CPU-second per second on 2 cores, one (36864, 64) x
+(64, 64) matmul 1.9), and XLA runs independent groups on separate cores at once (forward + gradients on the
+2-core Zen 4: 0.52-0.97x the one-group time for F(4x4) over ten ResNet shapes; train steps at 128 px 1.13-1.19x
+faster, at 32 px level; benchmarks/README.md).
 
 Every step is linear, so autodiff gives both gradients as the transposed steps: the kernel gradient becomes
 (m + 2)^2 matmuls contracting over the tiles, 4x fewer multiplies than XLA's for m = 4. Tiles are gathered by
