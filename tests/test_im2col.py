@@ -37,13 +37,8 @@ CASES = [
     (9, 9, 7, 2, ((3, 3), (3, 3))),  # a stem
     (6, 6, 3, 1, ((0, 0), (0, 0))),  # no padding: one region, im2col itself
     (4, 4, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection
-    (
-        1,
-        1,
-        1,
-        2,
-        ((1, 1), (1, 1)),
-    ),  # every output reads only padding: zeros (im2col has no tap to take)
+    # Every output reads only padding: zeros (im2col has no tap to take).
+    (1, 1, 1, 2, ((1, 1), (1, 1))),
 ]
 
 
