@@ -71,6 +71,15 @@ def select_form(
     """The form `cpu_conv` runs for this conv: per `mode`, by default `RESNET_JAX_CONV_FORM` (auto, static or a
     form name; see resnet_jax.conv_autotune, also for why a multi-process run never times)."""
     mode = mode or conv_autotune.mode()
+    kh, kw, cin, cout = kernel_shape
+    n = x_shape[0]
+    pads = ((0, 0), (0, 0)) if isinstance(padding, str) else padding
+    out_h = output_size(x_shape[1], kh, strides[0], pads[0])
+    out_w = output_size(x_shape[2], kw, strides[1], pads[1])
+    if min(n, out_h, out_w) <= 0:
+        # No output to compute (or a kernel larger than the padded input): lax.conv returns the empty map or
+        # raises nn.Conv's own error, where the matmul forms would fail to build an empty patch matrix.
+        return "lax"
     static = static_form(x_shape, kernel_shape, strides, padding, feature_group_count, dtype)
     if mode == "static":
         return static
@@ -83,14 +92,6 @@ def select_form(
         return mode if supported else static
     candidates = candidate_forms(
         kernel_shape, strides, padding, feature_group_count, dtype, x_shape=x_shape
-    )
-    kh, kw, cin, cout = kernel_shape
-    n = x_shape[0]
-    out_h = output_size(
-        x_shape[1], kh, strides[0], (0, 0) if isinstance(padding, str) else padding[0]
-    )
-    out_w = output_size(
-        x_shape[2], kw, strides[1], (0, 0) if isinstance(padding, str) else padding[1]
     )
     flops = 2 * n * out_h * out_w * kh * kw * cin * cout
     if (

@@ -148,6 +148,32 @@ def test_cpu_conv_function_agrees_with_lax_conv_under_jit():
     assert_close_to_scale(jitted(x, kernel), lax_conv(x, kernel, (2, 2), pad))
 
 
+@pytest.mark.parametrize(
+    "form", ["auto", "static", "im2col", "region_im2col", "winograd4", "s2d_im2col"]
+)
+@pytest.mark.parametrize(
+    "x_shape,padding",
+    [
+        ((2, 2, 2, 4), ((0, 0), (0, 0))),  # the kernel is larger than the map: no output position
+        ((2, 1, 6, 4), ((0, 0), (1, 1))),  # no output row
+        ((0, 6, 6, 4), ((1, 1), (1, 1))),  # an empty batch
+    ],
+)
+def test_empty_outputs_are_empty_like_nn_conv(form, x_shape, padding):
+    """Where nn.Conv returns an empty map, so does CpuConv, whichever form is asked for (a matmul form has
+    no patch to build there), and its gradients are the zeros of the inputs' shapes."""
+    args = dict(features=8, kernel_size=(3, 3), strides=(1, 1), padding=padding)
+    x = jnp.ones(x_shape)
+    variables = nn.Conv(**args).init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+    expected = nn.Conv(**args).apply(variables, x)
+    assert 0 in expected.shape
+    conv = CpuConv(**args, form=form)
+    assert conv.apply(variables, x).shape == expected.shape
+    grads = jax.grad(lambda v, x: conv.apply(v, x).sum(), argnums=(0, 1))(variables, x)
+    assert grads[1].shape == x.shape and not np.any(grads[1])
+    assert not np.any(grads[0]["params"]["kernel"])
+
+
 def test_default_conv_is_cpu_conv_on_cpu():
     assert jax.default_backend() == "cpu"
     assert default_conv() is CpuConv
