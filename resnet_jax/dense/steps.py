@@ -23,7 +23,7 @@ import optax
 from jax import lax
 
 from resnet_jax.dense.metrics import confusion_matrix
-from resnet_jax.steps import update_from_loss
+from resnet_jax.steps import gradient_norm, update_from_loss
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
@@ -100,7 +100,7 @@ def train_step(
         "loss": lax.pmean(loss, axis_name),
         "pixel_accuracy": lax.psum(jnp.sum(correct), axis_name) / global_pixels,
         "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
-        "grad_norm": optax.tree.norm(trainable_grads),
+        "grad_norm": gradient_norm(trainable_grads),
     }
     return new_state, metrics
 
