@@ -108,8 +108,8 @@ def gradient_norm(grads: PyTree) -> jax.Array:
     over 1x1 maps: resnet18's last stage at 32 px), autodiff gives the kernel's gradient as those taps padded
     with zeros. The optimizer update reads that padding inside its own loop, but XLA:CPU hands a whole-array
     sum of squares to YNNPACK, which takes no padding, so the padded gradient was written out in full first
-    (3 x 9.4 MB per resnet18 step at 32 px, ~3% of its time). XLA simplifies a slice of a padding to the
-    live tap or to zeros, so summing tap by tap reads only the live taps and writes nothing.
+    (3 x 9.4 MB per resnet18 step at 32 px; the step is 1.06x faster without that). XLA simplifies a slice of
+    a padding to the live tap or to zeros, so summing tap by tap reads only the live taps and writes nothing.
     """
     total = 0.0
     for leaf in jax.tree.leaves(grads):
