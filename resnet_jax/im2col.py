@@ -149,7 +149,7 @@ def kernel_blocks(
     Its gradient is assembled tap by tap (the sum of the blocks' rows for each tap, stacked), where autodiff
     would pad each block's gradient to the whole kernel and add the pads. The two are equal; the difference
     is what XLA:CPU makes of them in a train step: it wrote each pad out in full (four 2.4 MB kernels per 3x3
-    conv of resnet18's 2x2-map stage at 32 px) to feed the per-tap sums of `steps.gradient_norm`, where a
+    conv of resnet18's 2x2-map stage at 32 px) to feed the per-tap sums of `optim.gradient_norm`, where a
     slice of the stacked taps is just that tap.
     """
     return tuple(kernel[a:b, c:d].reshape(-1, kernel.shape[-1]) for a, b, c, d in blocks)

@@ -29,6 +29,7 @@ from flax import traverse_util
 from jax import lax
 
 from resnet_jax.mixing import BatchMixing, mix_images, mix_targets
+from resnet_jax.optim import gradient_norm
 from resnet_jax.parallel import device_mean
 from resnet_jax.train_state import TrainState
 
@@ -99,27 +100,6 @@ def partition_params(params: PyTree, trainable_mask: PyTree | None) -> tuple[dic
     mask = traverse_util.flatten_dict(trainable_mask)
     trainable = {path: value for path, value in flat.items() if mask[path]}
     return trainable, {path: value for path, value in flat.items() if not mask[path]}
-
-
-def gradient_norm(grads: PyTree) -> jax.Array:
-    """The global L2 norm of `grads` (what `optax.tree.norm` returns), summed per tap of each conv kernel.
-
-    Why per tap: where a conv form multiplies only the taps that read real input (the centre of a 3x3 kernel
-    over 1x1 maps: resnet18's last stage at 32 px), autodiff gives the kernel's gradient as those taps padded
-    with zeros. The optimizer update reads that padding inside its own loop, but XLA:CPU hands a whole-array
-    sum of squares to YNNPACK, which takes no padding, so the padded gradient was written out in full first
-    (3 x 9.4 MB per resnet18 step at 32 px; the step is 1.06x faster without that). XLA simplifies a slice of
-    a padding to the live tap or to zeros, so summing tap by tap reads only the live taps and writes nothing.
-    """
-    total = 0.0
-    for leaf in jax.tree.leaves(grads):
-        leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-        taps = [leaf]
-        if leaf.ndim == 4 and leaf.shape[0] * leaf.shape[1] > 1:  # an HWIO kernel
-            taps = [leaf[i, j] for i in range(leaf.shape[0]) for j in range(leaf.shape[1])]
-        for tap in taps:
-            total += jnp.sum(jnp.square(tap))
-    return jnp.sqrt(jnp.asarray(total))
 
 
 def _inputs_and_loss(

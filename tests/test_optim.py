@@ -172,3 +172,39 @@ def test_imagenet_resnet50_recipe_scales_lr_with_batch():
     np.testing.assert_allclose(fn(0), 0.0)
     assert config.nesterov and config.momentum == 0.9 and config.label_smoothing == 0.1
     assert config.num_epochs == 90 and config.weight_decay == 1e-4
+
+
+def test_gradient_norm_is_the_global_l2_norm():
+    """Summed tap by tap (why: optim.gradient_norm), it is still the norm of the whole tree: kernels whose
+    gradient lives in one tap, dense kernels, 1x1 kernels, vectors and a bfloat16 leaf (summed in float32)."""
+    rng = np.random.default_rng(1)
+    centre = jnp.pad(
+        jnp.asarray(rng.normal(size=(1, 1, 6, 5)), jnp.float32), ((1, 1), (1, 1), (0, 0), (0, 0))
+    )
+    tree = {
+        "padded": centre,
+        "dense": jnp.asarray(rng.normal(size=(3, 5, 4, 2)), jnp.float32),
+        "pointwise": jnp.asarray(rng.normal(size=(1, 1, 8, 3)), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+        "half": jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.bfloat16),
+    }
+    expected = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in tree.values()))
+    norm = jax.jit(optim.gradient_norm)(tree)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(norm, expected, rtol=1e-6)
+    assert float(optim.gradient_norm({})) == 0.0
+
+
+def test_clipping_scales_like_optax_clip_by_global_norm():
+    """The clip takes optim.gradient_norm (per tap) and otherwise is optax's: same updates, same state."""
+    rng = np.random.default_rng(2)
+    grads = {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)},
+        "bn": {"scale": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
+    }
+    for max_norm in (0.5, 1e3):  # clipped, and left alone
+        ours, theirs = optim.clip_by_gradient_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        assert ours.init(grads) == theirs.init(grads)
+        expected, _ = theirs.update(grads, theirs.init(grads))
+        actual, _ = jax.jit(ours.update)(grads, ours.init(grads))
+        jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6), actual, expected)

@@ -194,24 +194,3 @@ def test_sgd_weight_decay_is_added_to_the_gradient_before_momentum():
     params = {"w": jnp.full((2, 2), 3.0)}
     updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.2 * (1.0 + 1e-4 * 3.0), rtol=1e-6)
-
-
-def test_gradient_norm_is_the_global_l2_norm():
-    """Summed tap by tap (why: steps.gradient_norm), it is still the norm of the whole tree: kernels whose
-    gradient lives in one tap, dense kernels, 1x1 kernels, vectors and a bfloat16 leaf (summed in float32)."""
-    rng = np.random.default_rng(1)
-    centre = jnp.pad(
-        jnp.asarray(rng.normal(size=(1, 1, 6, 5)), jnp.float32), ((1, 1), (1, 1), (0, 0), (0, 0))
-    )
-    tree = {
-        "padded": centre,
-        "dense": jnp.asarray(rng.normal(size=(3, 5, 4, 2)), jnp.float32),
-        "pointwise": jnp.asarray(rng.normal(size=(1, 1, 8, 3)), jnp.float32),
-        "bias": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
-        "half": jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.bfloat16),
-    }
-    expected = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in tree.values()))
-    norm = jax.jit(steps.gradient_norm)(tree)
-    assert norm.dtype == jnp.float32
-    np.testing.assert_allclose(norm, expected, rtol=1e-6)
-    assert float(steps.gradient_norm({})) == 0.0

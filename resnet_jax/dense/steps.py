@@ -23,7 +23,8 @@ import optax
 from jax import lax
 
 from resnet_jax.dense.metrics import confusion_matrix
-from resnet_jax.steps import gradient_norm, update_from_loss
+from resnet_jax.optim import gradient_norm
+from resnet_jax.steps import update_from_loss
 from resnet_jax.train_state import TrainState
 
 PyTree = Any
