@@ -6,7 +6,10 @@ cores) and on the shape: thresholds measured on one CPU did not carry to another
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
 model (with its family, model number and vector extensions), core count, jax version and the forms'
 revision (`FORMS_REVISION`). Shapes are static under `jit`, so the choice happens at trace time; the timing
-runs in a separate thread, outside the caller's trace.
+runs eagerly on the tracing thread (`jax.ensure_compile_time_eval`), which is the thread the step later runs on:
+timed on a thread of its own, glibc served each call's temporaries from freshly mapped memory (a worker
+thread's heap is capped at 64 MiB; `resnet_jax.host_memory`) and im2col's large patch matrices lost to page
+faults they never pay in the step (the resnet50 128 px stem: im2col 70.6 ms there, 41.1 on the main thread).
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
@@ -27,7 +30,6 @@ in a multi-process run, pin it by name (the same value on every process).
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -55,9 +57,9 @@ _VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
 MIN_TUNED_FLOPS = 1e8
 # Part of the cache file's name: bump it when a form's implementation changes (the 1x1/im2col matmul became a
 # 2-D dot in revision 2; im2col's weights became a reshape of the kernel in revision 3; Winograd's products
-# split into independent groups in revision 4), so that choices timed for the old code are measured again
-# rather than reused.
-FORMS_REVISION = 4
+# split into independent groups in revision 4; revision 5 times on the tracing thread, not a worker thread),
+# so that choices timed for the old code are measured again rather than reused.
+FORMS_REVISION = 5
 # Timing rounds per candidate (alternating, median). The first round is one call of each, after which a
 # candidate slower than PRUNE_FACTOR x the best is dropped; every later round times as many consecutive calls
 # as fill MIN_ROUND_SECONDS, so that a millisecond-long conv is not judged by single calls, which one
@@ -217,11 +219,9 @@ def choose_form(
         entry = _read_cache(path).get(key)
         # Re-time when the candidates changed since (a new form in this version of the code).
         if entry is None or set(entry.get("ms", ())) != set(forms):
-            # Outside any trace: jit and run the candidates in a thread of their own (trace state is per thread).
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                seconds = pool.submit(
-                    time_forms, forms, x_shape, kernel_shape, dtype, kernel_grad_only
-                ).result()
+            # Called while a model traces: run the candidates eagerly, on this thread (module docstring).
+            with jax.ensure_compile_time_eval():
+                seconds = time_forms(forms, x_shape, kernel_shape, dtype, kernel_grad_only)
             entry = {
                 "form": min(seconds, key=seconds.get),
                 "ms": {name: round(1e3 * s, 3) for name, s in seconds.items()},

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax import conv, conv_autotune, conv_forms
 
@@ -104,6 +106,41 @@ def test_choosing_inside_jit_and_grad_computes_the_conv(tuner):
     actual = jax.jit(jax.grad(loss), static_argnums=2)(kernel, x, conv.cpu_conv)
     expected = jax.grad(loss)(kernel, x, conv_forms.lax_conv)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5 * float(jnp.max(expected)))
+
+
+def test_timing_runs_on_the_tracing_thread_inside_shard_map_and_vmap(tuner, monkeypatch):
+    """The candidates run eagerly where the model traces (the thread that runs the step, with its heap), even
+    inside `shard_map` under `jit` and `vmap`, and the traced conv still computes lax.conv's values."""
+    threads = []
+    time_forms = conv_autotune.time_forms
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return time_forms(*args, **kwargs)
+
+    monkeypatch.setattr(conv_autotune, "time_forms", recording)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+    mesh = jax.make_mesh((1,), ("data",))
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+    sharded = jax.shard_map(
+        lambda x: conv.cpu_conv(x, kernel, (1, 1), PADDING),
+        mesh=mesh,
+        in_specs=P("data"),
+        out_specs=P("data"),
+    )
+    expected = conv_forms.lax_conv(x, kernel, (1, 1), PADDING)
+    np.testing.assert_allclose(
+        jax.jit(sharded)(x), expected, rtol=0, atol=1e-4 * float(jnp.max(expected))
+    )
+    per_image = jax.vmap(lambda image: conv.cpu_conv(image[None], kernel, (2, 2), PADDING)[0])
+    np.testing.assert_allclose(
+        jax.jit(per_image)(x),
+        conv_forms.lax_conv(x, kernel, (2, 2), PADDING),
+        rtol=0,
+        atol=1e-4 * float(jnp.max(expected)),
+    )
+    assert len(threads) == 2 and all(t is threading.current_thread() for t in threads)
 
 
 def test_static_mode_and_small_convs_are_never_timed(tmp_path, monkeypatch):
