@@ -51,7 +51,9 @@ def gradient_norm(grads: Any) -> jax.Array:
     for leaf in jax.tree.leaves(grads):
         leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
         taps = [leaf]
-        if leaf.ndim == 4 and leaf.shape[0] * leaf.shape[1] > 1:  # an HWIO kernel
+        # An HWIO kernel up to 7x7 (the stems); any other 4-D leaf is summed whole rather than in thousands of
+        # slices.
+        if leaf.ndim == 4 and 1 < leaf.shape[0] * leaf.shape[1] <= 49:
             taps = [leaf[i, j] for i in range(leaf.shape[0]) for j in range(leaf.shape[1])]
         for tap in taps:
             total += jnp.sum(jnp.square(tap))

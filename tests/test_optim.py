@@ -187,6 +187,8 @@ def test_gradient_norm_is_the_global_l2_norm():
         "pointwise": jnp.asarray(rng.normal(size=(1, 1, 8, 3)), jnp.float32),
         "bias": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
         "half": jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.bfloat16),
+        "stem": jnp.asarray(rng.normal(size=(7, 7, 3, 2)), jnp.float32),
+        "not_a_kernel": jnp.asarray(rng.normal(size=(64, 32, 1, 1)), jnp.float32),
     }
     expected = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in tree.values()))
     norm = jax.jit(optim.gradient_norm)(tree)
