@@ -191,6 +191,11 @@ class CpuConv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        form = self.form or conv_autotune.mode()
+        if form == "auto" and self.is_initializing():
+            # `init` runs the model once (on a batch of one: `train_state.init_variables`) for the parameters'
+            # shapes; timing forms for shapes no step runs would only cost time and fill the cache.
+            form = "static"
         y = cpu_conv(
             x,
             kernel,
@@ -198,7 +203,7 @@ class CpuConv(nn.Module):
             padding,
             self.feature_group_count,
             self.tap_kernel_grad,
-            self.form,
+            form,
         )
         if bias is not None:
             y = y + bias

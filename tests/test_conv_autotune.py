@@ -143,6 +143,20 @@ def test_timing_runs_on_the_tracing_thread_inside_shard_map_and_vmap(tuner, monk
     assert len(threads) == 2 and all(t is threading.current_thread() for t in threads)
 
 
+def test_init_never_times_and_the_first_apply_does(tuner, monkeypatch):
+    """`init` traces the model on a batch of one for the parameters' shapes only: no form is timed for it."""
+    timed = []
+    time_forms = conv_autotune.time_forms
+    monkeypatch.setattr(
+        conv_autotune, "time_forms", lambda *a, **k: timed.append(a[1]) or time_forms(*a, **k)
+    )
+    module = conv.CpuConv(features=8, kernel_size=(3, 3), padding=PADDING)
+    variables = module.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+    assert timed == [] and variables["params"]["kernel"].shape == (3, 3, 4, 8)
+    jax.jit(module.apply)(variables, jnp.ones((2, 6, 6, 4)))
+    assert timed == [(2, 6, 6, 4)]
+
+
 def test_static_mode_and_small_convs_are_never_timed(tmp_path, monkeypatch):
     monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(conv_autotune, "time_forms", no_timing)
