@@ -287,7 +287,7 @@ def region_pays(
 ) -> bool:
     """Whether the region form is worth timing or taking without timing: it needs at most
     `REGION_MAX_FRACTION` of im2col's products. Also where every output reads only padding (both counts 0):
-    im2col has no live tap to build a patch from, the region form returns the zeros."""
+    both forms return the zeros."""
     region, dense = region_products(x_shape[1:3], kernel_shape[:2], strides, padding)
     return region <= REGION_MAX_FRACTION * dense
 

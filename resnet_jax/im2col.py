@@ -88,6 +88,8 @@ def im2col_conv(
     )
     rows = live_offsets(h, kh, strides[0], padding[0])
     cols = live_offsets(w, kw, strides[1], padding[1])
+    if not rows or not cols:  # every output position reads only padding
+        return jnp.zeros((x.shape[0], *out_hw, kernel.shape[-1]), jnp.result_type(x, kernel))
     x_padded = pad_map(x, padding)
     patches = [tap_input(x_padded, i, j, strides, out_hw) for i in rows for j in cols]
     if _is_contiguous(rows) and _is_contiguous(cols):

@@ -37,7 +37,7 @@ CASES = [
     (9, 9, 7, 2, ((3, 3), (3, 3))),  # a stem
     (6, 6, 3, 1, ((0, 0), (0, 0))),  # no padding: one region, im2col itself
     (4, 4, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection
-    # Every output reads only padding: zeros (im2col has no tap to take).
+    # Every output reads only padding: zeros from both forms (im2col has no tap to take).
     (1, 1, 1, 2, ((1, 1), (1, 1))),
 ]
 
@@ -63,17 +63,18 @@ def output_and_grads(conv, x, kernel, strides, padding):
     return (conv(x, kernel, strides, padding), *jax.grad(loss, argnums=(0, 1))(x, kernel))
 
 
+@pytest.mark.parametrize("form", [region_im2col_conv, im2col_conv], ids=["region", "im2col"])
 @pytest.mark.parametrize("height,width,kernel_size,stride,padding", CASES)
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
-def test_region_im2col_outputs_and_grads_equal_lax_conv(
-    height, width, kernel_size, stride, padding, dtype, rtol
+def test_matmul_forms_outputs_and_grads_equal_lax_conv(
+    form, height, width, kernel_size, stride, padding, dtype, rtol
 ):
     with jax.enable_x64(dtype == jnp.float64):
         x = jax.random.normal(jax.random.key(0), (3, height, width, 5), dtype)
         kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 4), dtype)
         strides = (stride, stride)
         expected = output_and_grads(conv_forms.lax_conv, x, kernel, strides, padding)
-        actual = output_and_grads(region_im2col_conv, x, kernel, strides, padding)
+        actual = output_and_grads(form, x, kernel, strides, padding)
         for a, e in zip(actual, expected, strict=True):
             assert a.dtype == e.dtype
             assert_close_to_scale(a, e, rtol)
@@ -160,7 +161,7 @@ def test_region_form_is_timed_and_chosen_without_timing_only_where_it_halves_the
     assert "region_im2col" not in conv_forms.candidate_forms(kernel, (1, 1), padding)
     assert conv_forms.static_form(tiny, kernel, (1, 1), padding) == "region_im2col"
     assert conv_forms.static_form(small, kernel, (1, 1), padding) == "im2col"
-    # Outputs that all read only padding: the region form (zeros), not im2col (no live tap to take).
+    # Outputs that all read only padding: the region form (zeros; both forms return them).
     strided_past = ((1, 1, 1, 2), (1, 1, 2, 2), (2, 2), padding)
     assert conv_forms.static_form(*strided_past) == "region_im2col"
 
