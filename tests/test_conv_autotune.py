@@ -34,6 +34,19 @@ def no_timing(*args, **kwargs):
     raise AssertionError("timed the forms, but the choice should have come from a cache or a rule")
 
 
+def record_timings(monkeypatch) -> list:
+    """Each `time_forms` call from here on, as (the thread it ran on, the input shape timed); it still times."""
+    timings = []
+    time_forms = conv_autotune.time_forms
+
+    def recording(forms, x_shape, *args, **kwargs):
+        timings.append((threading.current_thread(), tuple(x_shape)))
+        return time_forms(forms, x_shape, *args, **kwargs)
+
+    monkeypatch.setattr(conv_autotune, "time_forms", recording)
+    return timings
+
+
 def test_first_use_times_the_candidates_and_caches_the_fastest_on_disk(tuner, monkeypatch):
     x = jnp.ones((1, 6, 6, 4))
     kernel = jnp.ones((3, 3, 4, 4))
@@ -111,14 +124,7 @@ def test_choosing_inside_jit_and_grad_computes_the_conv(tuner):
 def test_timing_runs_on_the_tracing_thread_inside_shard_map_and_vmap(tuner, monkeypatch):
     """The candidates run eagerly where the model traces (the thread that runs the step, with its heap), even
     inside `shard_map` under `jit` and `vmap`, and the traced conv still computes lax.conv's values."""
-    threads = []
-    time_forms = conv_autotune.time_forms
-
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread())
-        return time_forms(*args, **kwargs)
-
-    monkeypatch.setattr(conv_autotune, "time_forms", recording)
+    timings = record_timings(monkeypatch)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
     mesh = jax.make_mesh((1,), ("data",))
@@ -140,21 +146,17 @@ def test_timing_runs_on_the_tracing_thread_inside_shard_map_and_vmap(tuner, monk
         rtol=0,
         atol=1e-4 * float(jnp.max(expected)),
     )
-    assert len(threads) == 2 and all(t is threading.current_thread() for t in threads)
+    assert len(timings) == 2 and all(t is threading.current_thread() for t, _ in timings)
 
 
 def test_init_never_times_and_the_first_apply_does(tuner, monkeypatch):
     """`init` traces the model on a batch of one for the parameters' shapes only: no form is timed for it."""
-    timed = []
-    time_forms = conv_autotune.time_forms
-    monkeypatch.setattr(
-        conv_autotune, "time_forms", lambda *a, **k: timed.append(a[1]) or time_forms(*a, **k)
-    )
+    timings = record_timings(monkeypatch)
     module = conv.CpuConv(features=8, kernel_size=(3, 3), padding=PADDING)
     variables = module.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
-    assert timed == [] and variables["params"]["kernel"].shape == (3, 3, 4, 8)
+    assert timings == [] and variables["params"]["kernel"].shape == (3, 3, 4, 8)
     jax.jit(module.apply)(variables, jnp.ones((2, 6, 6, 4)))
-    assert timed == [(2, 6, 6, 4)]
+    assert [x_shape for _, x_shape in timings] == [(2, 6, 6, 4)]
 
 
 def test_static_mode_and_small_convs_are_never_timed(tmp_path, monkeypatch):
