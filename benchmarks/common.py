@@ -68,6 +68,8 @@ def machine_description() -> dict[str, Any]:
         "cpu_description": conv_autotune.cpu_description(),
         "cpu_flags": " ".join(flags),
         "cpu_count": os.cpu_count(),
+        # The cores this process may use (taskset, cgroup cpuset): what XLA and PyTorch size their pools by.
+        "cpu_count_usable": conv_autotune.usable_cpu_count(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -111,7 +113,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
 def describe_machine_line(machine: dict[str, Any]) -> str:
     return (
         f"{machine.get('cpu_description', machine['cpu'])} ({machine.get('cpu_flags', '')}), "
-        f"{machine['cpu_count']} cores "
+        f"{machine.get('cpu_count_usable', machine['cpu_count'])} of {machine['cpu_count']} cores "
         f"(load {machine['load_average_1m']:.1f}), "
         f"jax {machine['jax']} ({machine['jax_backend']}), torch {machine['torch']} "
         f"({machine['torch_threads']} threads)"

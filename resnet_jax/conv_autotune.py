@@ -4,7 +4,7 @@ Which of the equivalent forms of `resnet_jax.conv` is fastest depends on the CPU
 cores) and on the shape: thresholds measured on one CPU did not carry to another. So, like cuDNN's autotuning,
 `choose_form` times each candidate's forward + gradients for the exact (input shape, kernel shape, strides,
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
-model (with its family, model number and vector extensions), core count, jax version and the forms'
+model (with its family, model number and vector extensions), usable core count, jax version and the forms'
 revision (`FORMS_REVISION`). Shapes are static under `jit`, so the choice happens at trace time; the timing
 runs eagerly on the tracing thread (`jax.ensure_compile_time_eval`), which is the thread the step later runs on:
 timed on a thread of its own, glibc served each call's temporaries from freshly mapped memory (a worker
@@ -118,7 +118,19 @@ def cpu_description() -> str:
         parts.append(f"f{fields['cpu family']}m{fields['model']}")
     flags = set(fields.get("flags", "").split())
     parts += [isa for isa in _VECTOR_ISAS if isa in flags]
-    return f"{' '.join(parts)} x{os.cpu_count()}"
+    return f"{' '.join(parts)} x{usable_cpu_count()}"
+
+
+def usable_cpu_count() -> int:
+    """The cores this process may run on: what XLA:CPU sizes its thread pools by.
+
+    Not `os.cpu_count()` (every core of the machine): under `taskset` or a cgroup cpuset the step runs on
+    fewer threads, and forms timed on all cores need not be the fastest there (with one of this machine's
+    two cores, XLA starts 13 threads instead of 17).
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cache_path() -> str:

@@ -187,8 +187,21 @@ def test_a_pinned_form_applies_where_it_can_and_the_rule_elsewhere(monkeypatch):
 def test_cache_is_keyed_by_cpu_jax_version_and_forms_revision(monkeypatch, tmp_path):
     monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
     name = os.path.basename(conv_autotune.cache_path())
-    assert jax.__version__ in name and str(os.cpu_count()) in name
+    assert jax.__version__ in name and f"_x{conv_autotune.usable_cpu_count()}_" in name
     assert f"_r{conv_autotune.FORMS_REVISION}_" in name
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_cache_key_counts_the_cores_this_process_may_use(monkeypatch, tmp_path):
+    # Under taskset or a cgroup cpuset XLA runs the step on fewer threads: forms timed on every core of the
+    # machine are not reused there.
+    monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
+    usable = len(os.sched_getaffinity(0))
+    all_cores = conv_autotune.cache_path()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert conv_autotune.usable_cpu_count() == 1
+    assert conv_autotune.cpu_description().endswith(" x1")
+    assert (conv_autotune.cache_path() != all_cores) == (usable > 1)
 
 
 def test_cache_key_tells_cpu_generations_and_vector_extensions_apart(monkeypatch, tmp_path):
