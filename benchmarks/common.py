@@ -311,8 +311,12 @@ def torch_compile_works() -> tuple[bool, str]:
 # -- timing --------------------------------------------------------------------------------------------------
 
 
-def alternate(runners: dict[str, Runner], repeats: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per call of each runner: `repeats` rounds, each timing `steps` calls of every runner in turn.
+def alternate(
+    runners: dict[str, Runner], repeats: int, steps: int, min_seconds: float = 0.0
+) -> dict[str, list[float]]:
+    """Seconds per call of each runner: `repeats` rounds, each timing every runner in turn for at least `steps`
+    calls and at least `min_seconds` (a run of a few short calls is at the mercy of one scheduler hiccup on a
+    shared VM).
 
     Alternating within each round (and rotating who goes first) spreads load from other processes over all
     runners alike; compare medians.
@@ -322,10 +326,12 @@ def alternate(runners: dict[str, Runner], repeats: int, steps: int) -> dict[str,
     for round_index in range(repeats):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
+            calls = 0
             start = time.perf_counter()
-            for _ in range(steps):
+            while calls < steps or time.perf_counter() - start < min_seconds:
                 runners[name]()
-            times[name].append((time.perf_counter() - start) / steps)
+                calls += 1
+            times[name].append((time.perf_counter() - start) / calls)
     return times
 
 

@@ -30,6 +30,7 @@ in a multi-process run, pin it by name (the same value on every process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,11 +39,16 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: cache writes are not locked
+    fcntl = None
 
 FORM_ENV = "RESNET_JAX_CONV_FORM"
 CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
@@ -142,23 +148,52 @@ def cache_path() -> str:
 
 
 def _read_cache(path: str) -> dict:
+    """The cached table, or {} where the file is missing, unreadable or not a JSON object (then re-timed)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            table = json.load(f)
     except (OSError, ValueError):
         return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _usable_entry(entry: object, forms: Collection[str]) -> bool:
+    """Whether a cached entry was timed over exactly these candidates and names one of them. Anything else (a
+    new form in this version of the code, a hand-edited or foreign file) is timed again."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("ms"), dict)
+        and set(entry["ms"]) == set(forms)
+        and entry.get("form") in forms
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on `path`.lock across processes (where the OS has `fcntl`; elsewhere none)."""
+    if fcntl is None:
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _write_cache(path: str, key: str, entry: dict) -> None:
-    """Adds one entry, re-reading the file first so concurrent processes do not drop each other's entries."""
+    """Adds one entry: under a file lock, re-reads the table, adds the entry and atomically replaces the file,
+    so processes timing at once keep each other's entries and a reader never sees half a file."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        table = _read_cache(path)
-        table[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with _file_lock(path):
+            table = _read_cache(path)
+            table[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
     except OSError:
         pass  # a read-only home still gets the measured choice for this process
 
@@ -229,8 +264,7 @@ def choose_form(
             return _memory[key]
         path = cache_path()
         entry = _read_cache(path).get(key)
-        # Re-time when the candidates changed since (a new form in this version of the code).
-        if entry is None or set(entry.get("ms", ())) != set(forms):
+        if not _usable_entry(entry, forms):
             # Called while a model traces: run the candidates eagerly, on this thread (module docstring).
             with jax.ensure_compile_time_eval():
                 seconds = time_forms(forms, x_shape, kernel_shape, dtype, kernel_grad_only)
