@@ -147,8 +147,17 @@ def cpu_conv(
 class CpuConv(nn.Module):
     """`nn.Conv` (2D, NHWC, HWIO kernel named `kernel`) computed by `cpu_conv`: same parameters, faster on CPU.
 
-    Takes the constructor arguments the ResNets pass to `nn.Conv`, in the same order. Padding is explicit
-    `((top, bottom), (left, right))` or a string ('SAME'/'VALID', computed by `lax.conv_general_dilated`).
+    Takes `nn.Conv`'s arguments for a 2-D conv, in the same order and with its conventions: `kernel_size` a
+    pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
+    pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
+    `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
+    the conv as `nn.Conv` does. String padding and groups run `lax.conv_general_dilated`. Dilation and
+    unshared weights are not offered: use `nn.Conv` for those (and for 1-D and 3-D convs).
+
+    Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of
+    `jax.grad`). Forward mode over the model itself (`jax.jvp`, `jax.jacfwd` of the outputs) does not where
+    the chosen form has a custom gradient (`jax.custom_vjp`: tap_grad, region_im2col, lax_winograd*_grad);
+    JAX then says so. Pin `RESNET_JAX_CONV_FORM=lax`, or build the model with `conv=nn.Conv`, for that.
     """
 
     features: int
@@ -167,11 +176,18 @@ class CpuConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel_size = _pair(self.kernel_size)
-        strides = _pair(self.strides)
-        padding = self.padding
-        if not isinstance(padding, str):
-            padding = tuple(_pair(p) for p in padding)
+        kernel_size = _kernel_size_2d(self.kernel_size)
+        strides = _strides_2d(self.strides)
+        padding = _padding_2d(self.padding)
+        if x.ndim < 3:
+            raise ValueError(f"CpuConv takes (..., H, W, C) inputs, got shape {x.shape}")
+        batch_shape = x.shape[:-3]
+        x = x.reshape((-1, *x.shape[-3:]))  # nn.Conv's convention: one batch axis for the conv
+        if padding in ("CIRCULAR", "REFLECT"):
+            # As nn.Conv: pad the map with its own pixels, then a VALID conv.
+            pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_size] + [(0, 0)]
+            x = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "reflect")
+            padding = "VALID"
         in_features = x.shape[-1]
         if in_features % self.feature_group_count:
             raise ValueError(
@@ -207,18 +223,49 @@ class CpuConv(nn.Module):
         )
         if bias is not None:
             y = y + bias
-        return y
+        return y.reshape((*batch_shape, *y.shape[1:]))
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) == 1:
-        return (value[0], value[0])
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair for a 2D conv, got {value!r}")
-    return value
+def _kernel_size_2d(kernel_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(kernel_size, int) or len(tuple(kernel_size)) != 2:
+        raise ValueError(
+            f"CpuConv computes 2-D convs: kernel_size must be a pair such as (3, 3), got {kernel_size!r} "
+            "(flax's nn.Conv reads an int or a 1-tuple as a 1-D conv; use nn.Conv for 1-D and 3-D convs)"
+        )
+    return tuple(kernel_size)
+
+
+def _strides_2d(strides: int | Sequence[int] | None) -> tuple[int, int]:
+    if strides is None:  # nn.Conv's old spelling of stride 1
+        return (1, 1)
+    if isinstance(strides, int):
+        return (strides, strides)
+    if len(tuple(strides)) != 2:
+        raise ValueError(f"CpuConv strides must be an int or a pair, got {strides!r}")
+    return tuple(strides)
+
+
+PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT")
+
+
+def _padding_2d(padding: Padding | str | int | Sequence[int]) -> Padding | str:
+    """nn.Conv's padding conventions (`flax.linen.linear.canonicalize_padding`) as a name or two pairs."""
+    if isinstance(padding, str):
+        if padding.upper() not in PADDING_NAMES:
+            raise ValueError(
+                f"CpuConv padding {padding!r}: expected one of {PADDING_NAMES}, an int, or per dimension "
+                "an int or a (low, high) pair"
+            )
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(
+            f"CpuConv padding {padding!r}: a 2-D conv takes an int, or two entries, each an int or a "
+            "(low, high) pair"
+        )
+    return pairs
 
 
 def default_conv() -> type[nn.Module]:

@@ -242,6 +242,8 @@ def form_supports(
     """
     if name == "lax":
         return True
+    if not isinstance(padding, str) and any(p < 0 for pair in padding for p in pair):
+        return False  # negative padding crops the map: lax.conv's alone
     if "winograd" in name:
         return jnp.dtype(dtype).itemsize >= 4 and winograd.supports(kernel_shape, strides, padding)
     if name.startswith("s2d"):
@@ -264,8 +266,8 @@ def static_form(
     dtype: Dtype = jnp.float32,
 ) -> str:
     """The form chosen without timing (`RESNET_JAX_CONV_FORM=static`, and convs too small to time)."""
-    if feature_group_count != 1 or isinstance(padding, str):
-        return "lax"
+    if not form_supports("im2col", kernel_shape, strides, padding, feature_group_count, dtype):
+        return "lax"  # groups, string or negative padding
     kh, kw = kernel_shape[:2]
     out_h = output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = output_size(x_shape[2], kw, strides[1], padding[1])

@@ -154,11 +154,17 @@ def kernel_blocks(
     conv of resnet18's 2x2-map stage at 32 px) to feed the per-tap sums of `optim.gradient_norm`, where a
     slice of the stacked taps is just that tap.
     """
+    return _blocks(kernel, blocks)
+
+
+def _blocks(kernel, blocks):
     return tuple(kernel[a:b, c:d].reshape(-1, kernel.shape[-1]) for a, b, c, d in blocks)
 
 
 def _kernel_blocks_fwd(kernel, blocks):
-    return kernel_blocks(kernel, blocks), kernel.shape
+    # The slices themselves, not `kernel_blocks`: a custom_vjp function called here would refuse the
+    # forward-mode pass of `jax.jvp(jax.grad(...))` (Hessian-vector products) over this rule.
+    return _blocks(kernel, blocks), kernel.shape
 
 
 def _kernel_blocks_bwd(blocks, kernel_shape, grads):

@@ -140,6 +140,77 @@ def test_string_padding_and_bias_follow_nn_conv():
         )
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(kernel_size=(3, 3), padding=1),
+        dict(kernel_size=(3, 3), padding=[1, (0, 2)]),
+        dict(kernel_size=(3, 3), strides=2, padding="same_lower"),
+        dict(kernel_size=(3, 3), strides=None, padding="VALID"),
+        dict(kernel_size=(3, 3), padding="CIRCULAR"),
+        dict(kernel_size=(4, 3), strides=2, padding="REFLECT"),
+        dict(kernel_size=(3, 3), padding=((-1, 1), (1, -1))),  # negative padding crops
+        dict(kernel_size=(1, 1), padding=((0, -1), (-1, 0))),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "x_shape,form",
+    [
+        ((2, 7, 6, 4), "static"),
+        ((7, 6, 4), "static"),  # unbatched
+        ((2, 3, 7, 6, 4), "static"),  # two batch dims
+        ((2, 7, 6, 4), "im2col"),
+        ((2, 7, 6, 4), "tap_grad"),
+    ],
+    ids=str,
+)
+def test_nn_conv_argument_conventions_and_batch_dims_give_nn_conv_results(args, x_shape, form):
+    """nn.Conv's spellings (int strides and paddings, per-dimension ints or pairs, string modes in any case,
+    negative padding) and its input ranks (unbatched, extra batch dims) build and compute the same conv in
+    CpuConv, with any form asked for (a form that cannot compute it defers to lax.conv)."""
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    variables = nn.Conv(5, **args).init(jax.random.key(1), x)
+    ours = CpuConv(5, **args, form=form)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    expected = outputs_and_grads(nn.Conv(5, **args), variables, x)
+    actual = outputs_and_grads(ours, variables, x)
+    for a, e in zip(actual, expected, strict=True):
+        jax.tree.map(assert_close_to_scale, a, e)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(kernel_size=3), "1-D conv"),  # flax reads an int kernel_size as (3,), not (3, 3)
+        (dict(kernel_size=(3,)), "1-D conv"),
+        (dict(kernel_size=(3, 3, 3)), "2-D convs"),
+        (dict(kernel_size=(3, 3), padding="CAUSAL"), "padding 'CAUSAL'"),
+        (dict(kernel_size=(3, 3), padding=(1, 1, 1)), "two entries"),
+        (dict(kernel_size=(3, 3), strides=(1, 1, 1)), "strides"),
+    ],
+)
+def test_what_nn_conv_reads_otherwise_is_refused_not_reinterpreted(args, message):
+    with pytest.raises(ValueError, match=message):
+        CpuConv(4, **args).init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+
+
+@pytest.mark.parametrize("form", ["region_im2col", "tap_grad", "lax_winograd4_grad"])
+def test_hessian_vector_products_go_through_the_custom_gradient_forms(form):
+    # jax.jvp of jax.grad: the forward-mode pass runs over each form's backward rule.
+    x = jax.random.normal(jax.random.key(0), (2, 2, 2, 8))
+    args = dict(features=8, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    variables = nn.Conv(**args).init(jax.random.key(1), x)
+
+    def hvp(module):
+        grad = jax.grad(lambda v: jnp.sum(jnp.sin(module.apply(v, x))))
+        return jax.jvp(grad, (variables,), (variables,))[1]["params"]["kernel"]
+
+    assert_close_to_scale(hvp(CpuConv(**args, form=form)), hvp(nn.Conv(**args)))
+
+
 def test_cpu_conv_function_agrees_with_lax_conv_under_jit():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))

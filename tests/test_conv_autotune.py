@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -241,3 +243,48 @@ def test_auto_in_a_multi_process_run_takes_the_static_choice_without_timing(tune
         jnp.ones(shape[0]), jnp.ones(shape[1])
     )
     assert not os.listdir(tuner)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[]",
+        "null",
+        "not json {",
+        '{"KEY": "winograd4"}',
+        '{"KEY": {"ms": {"lax": 1.0}}}',
+        '{"KEY": {"form": "nosuch", "ms": "CANDIDATES"}}',
+        '{"KEY": {"form": "s2d_lax", "ms": "CANDIDATES"}}',
+    ],
+)
+def test_a_cache_file_that_is_not_what_it_wrote_is_timed_again(tuner, content):
+    # A hand-edited, truncated or foreign file must not crash every trace: the shape is timed again and the
+    # file rewritten with a usable entry.
+    shape = ((1, 6, 6, 8), (3, 3, 8, 8), (1, 1), PADDING)
+    key = conv_autotune.shape_key(*shape, 1, jnp.float32, False)
+    candidates = conv_forms.candidate_forms(*shape[1:], x_shape=shape[0])
+    ms = json.dumps(dict.fromkeys(candidates, 1.0))
+    path = conv_autotune.cache_path()
+    with open(path, "w") as f:
+        f.write(content.replace("KEY", key).replace('"CANDIDATES"', ms))
+    chosen = conv.select_form(*shape)
+    assert chosen in candidates
+    with open(path) as f:
+        entry = json.load(f)[key]
+    assert entry["form"] == chosen and set(entry["ms"]) == set(candidates)
+
+
+def test_processes_writing_the_cache_at_once_keep_each_others_entries(tmp_path):
+    # Two processes adding entries as fast as they can: each write re-reads the table under a file lock.
+    script = (
+        "import sys; from resnet_jax import conv_autotune as a\n"
+        "for i in range(150): a._write_cache(sys.argv[1], f'{sys.argv[2]}{i}', {'form': 'lax', 'ms': {}})\n"
+    )
+    path = str(tmp_path / "forms.json")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, path, name], env=env) for name in "ab"
+    ]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    with open(path) as f:
+        assert len(json.load(f)) == 300
