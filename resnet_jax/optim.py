@@ -49,7 +49,7 @@ def gradient_norm(grads: Any) -> jax.Array:
     """
     total = 0.0
     for leaf in jax.tree.leaves(grads):
-        leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        leaf = leaf.astype(_at_least_float32(leaf.dtype))
         taps = [leaf]
         # An HWIO kernel up to 7x7 (the stems); any other 4-D leaf is summed whole rather than in thousands of
         # slices.
@@ -60,6 +60,11 @@ def gradient_norm(grads: Any) -> jax.Array:
     return jnp.sqrt(jnp.asarray(total))
 
 
+def _at_least_float32(dtype: Any) -> Any:
+    """float32 for narrower floats (bf16, fp16), the dtype itself otherwise (float64 under x64)."""
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32
+
+
 def clip_by_gradient_norm(max_norm: float) -> optax.GradientTransformation:
     """`optax.clip_by_global_norm(max_norm)` with the norm taken by `gradient_norm` (same values and the same
     empty state, so checkpoints do not change; `gradient_norm` says why it sums per tap)."""
@@ -68,7 +73,14 @@ def clip_by_gradient_norm(max_norm: float) -> optax.GradientTransformation:
         del params
         norm = gradient_norm(updates)
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+        # Explicit casts (the product in float32 or wider, as implicit promotion would give), so this also
+        # runs under `jax.numpy_dtype_promotion("strict")`.
+        def clip(g):
+            wide = _at_least_float32(g.dtype)
+            return (g.astype(wide) * scale.astype(wide)).astype(g.dtype)
+
+        return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -210,3 +210,13 @@ def test_clipping_scales_like_optax_clip_by_global_norm():
         expected, _ = theirs.update(grads, theirs.init(grads))
         actual, _ = jax.jit(ours.update)(grads, ours.init(grads))
         jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6), actual, expected)
+
+
+def test_clipping_bfloat16_gradients_under_strict_dtype_promotion():
+    # Mixed precision keeps bf16 gradients; the clip must not rely on implicit bf16 x f32 promotion.
+    grads = {"kernel": jnp.full((3, 3, 2, 2), 4.0, jnp.bfloat16)}
+    clip = optim.clip_by_gradient_norm(1.0)
+    with jax.numpy_dtype_promotion("strict"):
+        clipped, _ = jax.jit(clip.update)(grads, clip.init(grads))
+    assert clipped["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(float(optim.gradient_norm(clipped)), 1.0, rtol=1e-2)
