@@ -4,8 +4,9 @@ Which of the equivalent forms of `resnet_jax.conv` is fastest depends on the CPU
 cores) and on the shape: thresholds measured on one CPU did not carry to another. So, like cuDNN's autotuning,
 `choose_form` times each candidate's forward + gradients for the exact (input shape, kernel shape, strides,
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
-model (with its family, model number and vector extensions), usable core count, jax version and the forms'
-revision (`FORMS_REVISION`). Shapes are static under `jit`, so the choice happens at trace time; the timing
+model (with its family, model number and vector extensions; implementer and part on ARM), usable core count,
+jax version and the forms' revision (`FORMS_REVISION`), and by the device kind where a model built with
+CpuConv by hand runs on an accelerator. Shapes are static under `jit`, so the choice happens at trace time; the timing
 runs eagerly on the tracing thread (`jax.ensure_compile_time_eval`), which is the thread the step later runs on:
 timed on a thread of its own, glibc served each call's temporaries from freshly mapped memory (a worker
 thread's heap is capped at 64 MiB; `resnet_jax.host_memory`) and im2col's large patch matrices lost to page
@@ -54,6 +55,7 @@ FORM_ENV = "RESNET_JAX_CONV_FORM"
 CACHE_DIR_ENV = "RESNET_JAX_CACHE_DIR"
 # Where `cpu_description` reads the CPU (a constant, so tests can point it at a file of their own).
 CPUINFO = "/proc/cpuinfo"
+_CPUINFO_KEYS = ("model name", "cpu family", "model", "flags", "CPU implementer", "CPU part")
 # The vector extensions that change which form is fastest, as /proc/cpuinfo names them.
 _VECTOR_ISAS = ("avx2", "avx512f", "amx_tile")
 # Convs whose forward takes fewer flops than this are not timed: timing costs a few compiles (seconds) and
@@ -90,15 +92,16 @@ def timing_allowed() -> bool:
 
 
 def cpuinfo_fields() -> dict[str, str]:
-    """The first processor's `model name`, `cpu family`, `model` and `flags` from /proc/cpuinfo (those present;
-    empty where the file is missing, as on macOS)."""
+    """The first processor's `model name`, `cpu family`, `model` and `flags` (x86), or `CPU implementer` and
+    `CPU part` (ARM, which names no model), from /proc/cpuinfo: those present, none where the file is missing
+    (macOS)."""
     fields: dict[str, str] = {}
     try:
         with open(CPUINFO) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                if key in _CPUINFO_KEYS and key not in fields:
                     fields[key] = value.strip()
                 if not line.strip() and fields:
                     break  # the first processor's block is enough
@@ -122,6 +125,10 @@ def cpu_description() -> str:
     parts = [model]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"f{fields['cpu family']}m{fields['model']}")
+    if (
+        "CPU implementer" in fields and "CPU part" in fields
+    ):  # ARM: Neoverse N1 and V2 are both "aarch64"
+        parts.append(f"impl{fields['CPU implementer']}part{fields['CPU part']}")
     flags = set(fields.get("flags", "").split())
     parts += [isa for isa in _VECTOR_ISAS if isa in flags]
     return f"{' '.join(parts)} x{usable_cpu_count()}"
@@ -143,7 +150,11 @@ def cache_path() -> str:
     directory = os.environ.get(CACHE_DIR_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "resnet_jax"
     )
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", cpu_description()).strip("_")
+    description = cpu_description()
+    if jax.default_backend() != "cpu":
+        # CpuConv built by hand on an accelerator times there: keep those choices apart from the host CPU's.
+        description += f" {jax.devices()[0].device_kind}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", description).strip("_")
     return os.path.join(directory, f"conv_forms_r{FORMS_REVISION}_{slug}_jax{jax.__version__}.json")
 
 

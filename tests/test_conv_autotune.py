@@ -226,6 +226,33 @@ def test_cache_key_tells_cpu_generations_and_vector_extensions_apart(monkeypatch
     assert zen4.startswith("AMD EPYC f25m17 avx2 avx512f x")
 
 
+def test_cache_key_tells_arm_cores_apart(monkeypatch, tmp_path):
+    # ARM's /proc/cpuinfo names no model: the implementer and part numbers do (Neoverse N1 0xd0c, V2 0xd4f).
+    def description(part: str) -> str:
+        cpuinfo = tmp_path / f"cpuinfo_{part}"
+        cpuinfo.write_text(
+            "processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n"
+            f"CPU architecture: 8\nCPU part\t: {part}\n\nprocessor\t: 1\n"
+        )
+        monkeypatch.setattr(conv_autotune, "CPUINFO", str(cpuinfo))
+        return conv_autotune.cpu_description()
+
+    n1, v2 = description("0xd0c"), description("0xd4f")
+    assert "impl0x41part0xd0c" in n1 and "impl0x41part0xd4f" in v2
+
+
+def test_choices_timed_on_an_accelerator_are_kept_apart_from_the_cpus(monkeypatch, tmp_path):
+    monkeypatch.setenv(conv_autotune.CACHE_DIR_ENV, str(tmp_path))
+    on_cpu = conv_autotune.cache_path()
+
+    class Device:
+        device_kind = "NVIDIA H200"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+    assert "NVIDIA_H200" in conv_autotune.cache_path() != on_cpu
+
+
 def test_unset_means_auto_even_under_pytest(monkeypatch):
     # The library does not look at the test runner: tests/conftest.py sets `static` for the test session.
     monkeypatch.delenv(conv_autotune.FORM_ENV, raising=False)
