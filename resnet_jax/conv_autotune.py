@@ -6,11 +6,12 @@ cores) and on the shape: thresholds measured on one CPU did not carry to another
 padding, groups, dtype) the first time a model traces it, and stores the fastest in a JSON file keyed by the CPU
 model (with its family, model number and vector extensions; implementer and part on ARM), usable core count,
 jax version and the forms' revision (`FORMS_REVISION`), and by the device kind where a model built with
-CpuConv by hand runs on an accelerator. Shapes are static under `jit`, so the choice happens at trace time; the timing
-runs eagerly on the tracing thread (`jax.ensure_compile_time_eval`), which is the thread the step later runs on:
-timed on a thread of its own, glibc served each call's temporaries from freshly mapped memory (a worker
-thread's heap is capped at 64 MiB; `resnet_jax.host_memory`) and im2col's large patch matrices lost to page
-faults they never pay in the step (the resnet50 128 px stem: im2col 70.6 ms there, 41.1 on the main thread).
+CpuConv by hand runs on an accelerator. Shapes are static under `jit`, so the choice happens at trace time;
+the timing runs eagerly on the tracing thread (`jax.ensure_compile_time_eval`), which is the thread the step
+later runs on: timed on a thread of its own, glibc served each call's temporaries from freshly mapped memory
+(a worker thread's heap is capped at 64 MiB; `resnet_jax.host_memory`) and im2col's large patch matrices lost
+to page faults they never pay in the step (the resnet50 128 px stem: im2col 70.6 ms there, 41.1 on the main
+thread).
 
 Controlled by the environment variable `RESNET_JAX_CONV_FORM`:
 
