@@ -10,7 +10,7 @@ shapes alone (benchmarks/conv_shapes.py; forward + gradients, batch 16, 2-core A
 
 So `FORMS` holds, by name:
 
-* `lax`: `lax.conv_general_dilated`, what `nn.Conv` computes (and the only form for grouped convs and string
+* `lax`: `lax.conv_general_dilated`, what `nn.Conv` computes (and the only form for string and negative
   paddings);
 * `im2col`: one matmul of the patch matrix with the kernel, skipping the taps that fall wholly in the padding
   (they multiply only zeros); a 1x1 conv is one matmul over the (strided) input;
@@ -20,7 +20,9 @@ So `FORMS` holds, by name:
 * `tap_grad`: `lax` forward and input gradient, the kernel gradient as one matmul per tap (`custom_vjp`);
 * `winograd2`/`winograd4` and `lax_winograd*_grad`: Winograd F(2x2)/F(4x4, 3x3) (`resnet_jax.winograd`), for
   the whole conv or for the kernel gradient only;
-* `s2d_im2col`/`s2d_lax`: a wide stride-2 conv (the stem) over 2x2 space-to-depth blocks.
+* `s2d_im2col`/`s2d_lax`: a wide stride-2 conv (the stem) over 2x2 space-to-depth blocks;
+* `grouped_taps`: a grouped conv (ResNeXt) as one matmul per tap batched over the groups (`resnet_jax.im2col`);
+  Winograd also takes groups, the other matmul forms do not.
 
 `form_supports` says which forms compute a conv, `static_form` is the choice without timing and
 `candidate_forms` what the autotuner times. Every form computes the same sums as `lax.conv_general_dilated` in
@@ -40,6 +42,7 @@ from jax import lax
 
 from resnet_jax import winograd
 from resnet_jax.im2col import (
+    grouped_tap_conv,
     im2col_conv,
     output_size,
     pad_map,
@@ -224,6 +227,7 @@ FORMS: dict[str, Callable[..., jax.Array]] = {
     "lax_winograd4_grad": functools.partial(conv_with_winograd_kernel_grad, tile=4),
     "s2d_im2col": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p),
     "s2d_lax": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p, lax_conv),
+    "grouped_taps": lambda x, k, s, p, g=1: grouped_tap_conv(x, k, s, p, g),
 }
 
 
@@ -244,6 +248,8 @@ def form_supports(
         return True
     if not isinstance(padding, str) and any(p < 0 for pair in padding for p in pair):
         return False  # negative padding crops the map: lax.conv's alone
+    if name == "grouped_taps":
+        return feature_group_count > 1 and not isinstance(padding, str)
     if "winograd" in name:
         return jnp.dtype(dtype).itemsize >= 4 and winograd.supports(kernel_shape, strides, padding)
     if name.startswith("s2d"):
@@ -266,18 +272,35 @@ def static_form(
     dtype: Dtype = jnp.float32,
 ) -> str:
     """The form chosen without timing (`RESNET_JAX_CONV_FORM=static`, and convs too small to time)."""
-    if not form_supports("im2col", kernel_shape, strides, padding, feature_group_count, dtype):
-        return "lax"  # groups, string or negative padding
+    if isinstance(padding, str):
+        return "lax"
     kh, kw = kernel_shape[:2]
     out_h = output_size(x_shape[1], kh, strides[0], padding[0])
     out_w = output_size(x_shape[2], kw, strides[1], padding[1])
+    supports = functools.partial(
+        form_supports,
+        kernel_shape=kernel_shape,
+        strides=strides,
+        padding=padding,
+        feature_group_count=feature_group_count,
+        dtype=dtype,
+    )
+    if feature_group_count > 1:
+        # F(4x4) where the map holds a whole output tile (ResNeXt-50 at 64 px: 0.4-0.55x grouped_taps' time
+        # at 4x4-16x16 maps; on 2x2 maps it computes 16 outputs for 4, 3.3x slower).
+        if min(out_h, out_w) >= 4 and supports("winograd4"):
+            return "winograd4"
+        if supports("grouped_taps"):
+            return "grouped_taps"
+    if not supports("im2col"):
+        return "lax"  # groups with negative padding, negative padding
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
         if region_pays(x_shape, kernel_shape, strides, padding):
             return "region_im2col"
         return "im2col"
     # Beyond SMALL_MAP, F(4x4) took 0.6-0.8x lax's time for forward + gradients on the Intel CPU measured and
     # about half on the AMD one (benchmarks/README.md).
-    if form_supports("winograd4", kernel_shape, strides, padding, 1, dtype):
+    if supports("winograd4"):
         return "winograd4"
     if out_h > TAP_GRAD_MAP or out_w > TAP_GRAD_MAP:
         return "lax"
@@ -310,6 +333,10 @@ def candidate_forms(
     if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
         return ["im2col"]
     skipped = set(_NOT_TUNED)
+    if feature_group_count > 1 and form_supports(
+        "grouped_taps", kernel_shape, strides, padding, feature_group_count
+    ):
+        skipped.update(GROUPED_NOT_TIMED)
     if (
         x_shape is None
         or isinstance(padding, str)
@@ -326,3 +353,7 @@ def candidate_forms(
 
 # Never the fastest where measured; kept in FORMS for benchmarks/conv_shapes.py.
 _NOT_TUNED = ("lax_winograd2_grad",)
+# XLA:CPU's grouped convolution (`lax`, and the forward of `lax_winograd*_grad`) took 35-65x the time of
+# `grouped_taps` or Winograd for every 3x3 conv of ResNeXt-50 at 64 px (0.4-5.3 s each, forward + gradients):
+# timing it would cost seconds per shape to rule it out. Pinning `RESNET_JAX_CONV_FORM=lax` still runs it.
+GROUPED_NOT_TIMED = ("lax", "lax_winograd2_grad", "lax_winograd4_grad")

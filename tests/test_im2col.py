@@ -16,6 +16,7 @@ import pytest
 
 from resnet_jax import conv_forms
 from resnet_jax.im2col import (
+    grouped_tap_conv,
     im2col_conv,
     live_offsets,
     output_regions,
@@ -75,6 +76,27 @@ def test_matmul_forms_outputs_and_grads_equal_lax_conv(
         strides = (stride, stride)
         expected = output_and_grads(conv_forms.lax_conv, x, kernel, strides, padding)
         actual = output_and_grads(form, x, kernel, strides, padding)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.dtype == e.dtype
+            assert_close_to_scale(a, e, rtol)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("height,width,kernel_size,stride,padding", CASES)
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
+def test_grouped_tap_form_outputs_and_grads_equal_lax_grouped_conv(
+    groups, height, width, kernel_size, stride, padding, dtype, rtol
+):
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jax.random.normal(jax.random.key(0), (3, height, width, 4 * groups), dtype)
+        kernel = jax.random.normal(
+            jax.random.key(1), (kernel_size, kernel_size, 4, 3 * groups), dtype
+        )
+        strides = (stride, stride)
+        lax_grouped = functools.partial(conv_forms.lax_conv, feature_group_count=groups)
+        grouped = functools.partial(grouped_tap_conv, groups=groups)
+        expected = output_and_grads(lax_grouped, x, kernel, strides, padding)
+        actual = output_and_grads(grouped, x, kernel, strides, padding)
         for a, e in zip(actual, expected, strict=True):
             assert a.dtype == e.dtype
             assert_close_to_scale(a, e, rtol)
