@@ -151,7 +151,7 @@ class CpuConv(nn.Module):
     pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
     pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
     `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
-    the conv as `nn.Conv` does. String padding and groups run `lax.conv_general_dilated`. Dilation and
+    the conv as `nn.Conv` does. String and negative padding run `lax.conv_general_dilated`. Dilation and
     unshared weights are not offered: use `nn.Conv` for those (and for 1-D and 3-D convs).
 
     Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of

@@ -126,9 +126,8 @@ def cpu_description() -> str:
     parts = [model]
     if "cpu family" in fields and "model" in fields:
         parts.append(f"f{fields['cpu family']}m{fields['model']}")
-    if (
-        "CPU implementer" in fields and "CPU part" in fields
-    ):  # ARM: Neoverse N1 and V2 are both "aarch64"
+    if "CPU implementer" in fields and "CPU part" in fields:
+        # ARM names no model: a Neoverse N1 and a V2 are both "aarch64" otherwise.
         parts.append(f"impl{fields['CPU implementer']}part{fields['CPU part']}")
     flags = set(fields.get("flags", "").split())
     parts += [isa for isa in _VECTOR_ISAS if isa in flags]

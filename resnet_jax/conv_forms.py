@@ -293,7 +293,7 @@ def static_form(
         if supports("grouped_taps"):
             return "grouped_taps"
     if not supports("im2col"):
-        return "lax"  # groups with negative padding, negative padding
+        return "lax"  # negative padding, with or without groups
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
         if region_pays(x_shape, kernel_shape, strides, padding):
             return "region_im2col"
@@ -353,7 +353,7 @@ def candidate_forms(
 
 # Never the fastest where measured; kept in FORMS for benchmarks/conv_shapes.py.
 _NOT_TUNED = ("lax_winograd2_grad",)
-# XLA:CPU's grouped convolution (`lax`, and the forward of `lax_winograd*_grad`) took 35-65x the time of
+# XLA:CPU's grouped convolution (`lax`, and the forward of `lax_winograd*_grad`) took 30-65x the time of
 # `grouped_taps` or Winograd for every 3x3 conv of ResNeXt-50 at 64 px (0.4-5.3 s each, forward + gradients):
 # timing it would cost seconds per shape to rule it out. Pinning `RESNET_JAX_CONV_FORM=lax` still runs it.
 GROUPED_NOT_TIMED = ("lax", "lax_winograd2_grad", "lax_winograd4_grad")

@@ -1,4 +1,5 @@
-"""A conv as matmuls over patch matrices: im2col, and im2col by region of the output map.
+"""A conv as matmuls over patch matrices: im2col, im2col by region of the output map, and grouped convs tap by
+tap (`grouped_tap_conv`: XLA:CPU's own grouped convolution is 30-65x slower).
 
 On the small maps of a ResNet's last stages (8x8 and below at 32 px inputs), XLA:CPU's convolution spends most
 of its time on the padding and one matmul of the patch matrix is the faster form (`resnet_jax.conv_forms`).
@@ -239,7 +240,7 @@ def grouped_tap_conv(
     """A grouped conv (ResNeXt's 32 groups) as one matmul per live kernel tap, batched over the groups, summed.
 
     XLA:CPU's own grouped convolution is the slow path of its one Eigen routine: forward + gradients of
-    ResNeXt-50's 3x3 convs at 64 px, batch 32, took 0.4-5.3 s each on an AMD EPYC Zen 4, 35-65x this form's
+    ResNeXt-50's 3x3 convs at 64 px, batch 32, took 0.4-5.3 s each on an AMD EPYC Zen 4, 30-65x this form's
     time (benchmarks/README.md). Each tap's input (N, Ho, Wo, G * Cg) is read as (M, G, Cg) and multiplied by
     that tap's (Cg, G, Og) weights: no patch matrix is built, and no product mixes groups.
     """
