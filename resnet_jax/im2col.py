@@ -256,11 +256,14 @@ def grouped_tap_conv(
         return jnp.zeros((n, *out_hw, out), jnp.result_type(x, kernel))
     x_padded = pad_map(x, padding)
     positions = n * out_hw[0] * out_hw[1]
+    dtype = jnp.result_type(x, kernel)
+    # The taps' sum in float32 at least: summed in bf16 it had twice lax.conv's error.
+    accumulate = jnp.promote_types(dtype, jnp.float32)
     y = None
     for i in rows:
         for j in cols:
             tap = tap_input(x_padded, i, j, strides, out_hw).reshape(positions, groups, group_in)
             weights = kernel[i, j].reshape(group_in, groups, out // groups)
-            term = jnp.einsum("mgc,cgo->mgo", tap, weights)
+            term = jnp.einsum("mgc,cgo->mgo", tap, weights, preferred_element_type=accumulate)
             y = term if y is None else y + term
-    return y.reshape(n, *out_hw, out)
+    return y.astype(dtype).reshape(n, *out_hw, out)

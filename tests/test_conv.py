@@ -114,13 +114,15 @@ def test_im2col_skips_taps_that_read_only_padding():
     np.testing.assert_array_equal(grad.at[1, 1].set(0.0), jnp.zeros_like(grad))
 
 
-def test_bfloat16_compute_matches_nn_conv_to_bf16_rounding():
+@pytest.mark.parametrize("groups,stride", [(1, 1), (4, 1), (4, 2)])
+def test_bfloat16_compute_matches_nn_conv_to_bf16_rounding(groups, stride):
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
     args = dict(
         features=16,
         kernel_size=(3, 3),
-        strides=(1, 1),
+        strides=(stride, stride),
         padding=((1, 1), (1, 1)),
+        feature_group_count=groups,
         use_bias=False,
         dtype=jnp.bfloat16,
     )

@@ -81,16 +81,17 @@ def test_matmul_forms_outputs_and_grads_equal_lax_conv(
             assert_close_to_scale(a, e, rtol)
 
 
-@pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("height,width,kernel_size,stride,padding", CASES)
-@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_grouped_tap_form_outputs_and_grads_equal_lax_grouped_conv(
-    groups, height, width, kernel_size, stride, padding, dtype, rtol
+    height, width, kernel_size, stride, padding
 ):
-    with jax.enable_x64(dtype == jnp.float64):
+    # float64, 3 groups of 4 input and 2 output channels: the same sums as lax.conv's in another order.
+    # (float32, bf16 and the form's choice inside CpuConv: tests/test_conv.py.)
+    groups, dtype, rtol = 3, jnp.float64, 1e-12
+    with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(0), (3, height, width, 4 * groups), dtype)
         kernel = jax.random.normal(
-            jax.random.key(1), (kernel_size, kernel_size, 4, 3 * groups), dtype
+            jax.random.key(1), (kernel_size, kernel_size, 4, 2 * groups), dtype
         )
         strides = (stride, stride)
         lax_grouped = functools.partial(conv_forms.lax_conv, feature_group_count=groups)
