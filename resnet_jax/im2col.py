@@ -73,6 +73,20 @@ def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x.reshape(n * h * w_, k), w).reshape(n, h, w_, w.shape[-1])
 
 
+def live_taps(
+    x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int], padding: Padding
+) -> tuple[tuple[int, int], list[int], list[int]]:
+    """The output map's (height, width), and the kernel rows and columns that read some real input."""
+    (h, w), (kh, kw) = x_shape[1:3], kernel_shape[:2]
+    out_hw = (
+        output_size(h, kh, strides[0], padding[0]),
+        output_size(w, kw, strides[1], padding[1]),
+    )
+    rows = live_offsets(h, kh, strides[0], padding[0])
+    cols = live_offsets(w, kw, strides[1], padding[1])
+    return out_hw, rows, cols
+
+
 def _is_contiguous(offsets: list[int]) -> bool:
     return offsets == list(range(offsets[0], offsets[-1] + 1))
 
@@ -81,14 +95,7 @@ def im2col_conv(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
 ) -> jax.Array:
     """The conv as one matmul of the patch matrix with the kernel, taps wholly in padding skipped."""
-    kh, kw, _, _ = kernel.shape
-    _, h, w, _ = x.shape
-    out_hw = (
-        output_size(h, kh, strides[0], padding[0]),
-        output_size(w, kw, strides[1], padding[1]),
-    )
-    rows = live_offsets(h, kh, strides[0], padding[0])
-    cols = live_offsets(w, kw, strides[1], padding[1])
+    out_hw, rows, cols = live_taps(x.shape, kernel.shape, strides, padding)
     if not rows or not cols:  # every output position reads only padding
         return jnp.zeros((x.shape[0], *out_hw, kernel.shape[-1]), jnp.result_type(x, kernel))
     x_padded = pad_map(x, padding)
@@ -244,14 +251,9 @@ def grouped_tap_conv(
     time (benchmarks/README.md). Each tap's input (N, Ho, Wo, G * Cg) is read as (M, G, Cg) and multiplied by
     that tap's (Cg, G, Og) weights: no patch matrix is built, and no product mixes groups.
     """
-    kh, kw, group_in, out = kernel.shape
-    n, h, w, _ = x.shape
-    out_hw = (
-        output_size(h, kh, strides[0], padding[0]),
-        output_size(w, kw, strides[1], padding[1]),
-    )
-    rows = live_offsets(h, kh, strides[0], padding[0])
-    cols = live_offsets(w, kw, strides[1], padding[1])
+    _, _, group_in, out = kernel.shape
+    n = x.shape[0]
+    out_hw, rows, cols = live_taps(x.shape, kernel.shape, strides, padding)
     if not rows or not cols:  # every output position reads only padding
         return jnp.zeros((n, *out_hw, out), jnp.result_type(x, kernel))
     x_padded = pad_map(x, padding)
