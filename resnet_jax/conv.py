@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from resnet_jax import conv_autotune
 from resnet_jax.conv_forms import (
@@ -147,17 +148,18 @@ def cpu_conv(
 class CpuConv(nn.Module):
     """`nn.Conv` (2D, NHWC, HWIO kernel named `kernel`) computed by `cpu_conv`: same parameters, faster on CPU.
 
-    Takes `nn.Conv`'s arguments for a 2-D conv, in the same order and with its conventions: `kernel_size` a
-    pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
-    pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
-    `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
-    the conv as `nn.Conv` does. String and negative padding run `lax.conv_general_dilated`. Dilation and
-    unshared weights are not offered: use `nn.Conv` for those (and for 1-D and 3-D convs).
+        Takes `nn.Conv`'s arguments for a 2-D conv, in the same order and with its conventions: `kernel_size` a
+        pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
+        pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
+        `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
+        the conv as `nn.Conv` does (string padding becomes the pairs lax computes for it; negative padding runs
+    `lax.conv_general_dilated`). Dilation and
+        unshared weights are not offered: use `nn.Conv` for those (and for 1-D and 3-D convs).
 
-    Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of
-    `jax.grad`). Forward mode over the model itself (`jax.jvp`, `jax.jacfwd` of the outputs) does not where
-    the chosen form has a custom gradient (`jax.custom_vjp`: tap_grad, region_im2col, lax_winograd*_grad);
-    JAX then says so. Pin `RESNET_JAX_CONV_FORM=lax`, or build the model with `conv=nn.Conv`, for that.
+        Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of
+        `jax.grad`). Forward mode over the model itself (`jax.jvp`, `jax.jacfwd` of the outputs) does not where
+        the chosen form has a custom gradient (`jax.custom_vjp`: tap_grad, region_im2col, lax_winograd*_grad);
+        JAX then says so. Pin `RESNET_JAX_CONV_FORM=lax`, or build the model with `conv=nn.Conv`, for that.
     """
 
     features: int
@@ -188,12 +190,16 @@ class CpuConv(nn.Module):
             pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_size] + [(0, 0)]
             x = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "reflect")
             padding = "VALID"
+        if isinstance(padding, str):
+            # The same pairs lax.conv computes for SAME / SAME_LOWER / VALID, so every form can take the conv.
+            padding = tuple(lax.padtype_to_pads(x.shape[1:3], kernel_size, strides, padding))
         in_features = x.shape[-1]
-        if in_features % self.feature_group_count:
-            raise ValueError(
-                f"input features {in_features} not divisible by feature_group_count "
-                f"{self.feature_group_count}"
-            )
+        for name, count in (("input features", in_features), ("features", self.features)):
+            if count % self.feature_group_count:
+                raise ValueError(
+                    f"CpuConv {name} {count} not divisible by feature_group_count "
+                    f"{self.feature_group_count}"
+                )
         # The same call as nn.Conv's, so both modules draw identical kernels from the same RNG.
         kernel = self.param(
             "kernel",

@@ -331,6 +331,8 @@ def candidate_forms(
     (`REGION_MAX_FRACTION`); elsewhere it is im2col with more, smaller matmuls.
     """
     if tuple(kernel_shape[:2]) == (1, 1) and feature_group_count == 1:
+        if not form_supports("im2col", kernel_shape, strides, padding, 1, dtype):
+            return ["lax"]  # string or negative padding
         return ["im2col"]
     skipped = set(_NOT_TUNED)
     if feature_group_count > 1 and form_supports(

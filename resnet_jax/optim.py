@@ -61,8 +61,10 @@ def gradient_norm(grads: Any) -> jax.Array:
 
 
 def _at_least_float32(dtype: Any) -> Any:
-    """float32 for narrower floats (bf16, fp16), the dtype itself otherwise (float64 under x64)."""
-    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32
+    """float32 for narrower floats (bf16, fp16) and non-floats, the dtype itself otherwise (float64 under x64)."""
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32:
+        return dtype
+    return jnp.float32
 
 
 def clip_by_gradient_norm(max_norm: float) -> optax.GradientTransformation:

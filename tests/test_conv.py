@@ -193,11 +193,12 @@ def test_nn_conv_argument_conventions_and_batch_dims_give_nn_conv_results(args, 
         (dict(kernel_size=(3, 3), padding="CAUSAL"), "padding 'CAUSAL'"),
         (dict(kernel_size=(3, 3), padding=(1, 1, 1)), "two entries"),
         (dict(kernel_size=(3, 3), strides=(1, 1, 1)), "strides"),
+        (dict(kernel_size=(3, 3), feature_group_count=4), "features 6 not divisible"),
     ],
 )
 def test_what_nn_conv_reads_otherwise_is_refused_not_reinterpreted(args, message):
     with pytest.raises(ValueError, match=message):
-        CpuConv(4, **args).init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+        CpuConv(6, **args).init(jax.random.key(0), jnp.ones((1, 6, 6, 8)))
 
 
 @pytest.mark.parametrize("form", ["region_im2col", "tap_grad", "lax_winograd4_grad"])

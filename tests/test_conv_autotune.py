@@ -315,3 +315,9 @@ def test_processes_writing_the_cache_at_once_keep_each_others_entries(tmp_path):
     assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
     with open(path) as f:
         assert len(json.load(f)) == 300
+
+
+def test_candidates_are_forms_that_compute_the_conv():
+    # A 1x1 conv is one matmul, except where negative padding crops the map: lax.conv's alone.
+    assert conv_forms.candidate_forms((1, 1, 4, 6), (1, 1), ((0, 0), (0, 0))) == ["im2col"]
+    assert conv_forms.candidate_forms((1, 1, 4, 6), (1, 1), ((-1, 1), (1, 1))) == ["lax"]

@@ -220,3 +220,8 @@ def test_clipping_bfloat16_gradients_under_strict_dtype_promotion():
         clipped, _ = jax.jit(clip.update)(grads, clip.init(grads))
     assert clipped["kernel"].dtype == jnp.bfloat16
     np.testing.assert_allclose(float(optim.gradient_norm(clipped)), 1.0, rtol=1e-2)
+
+
+def test_gradient_norm_takes_integer_leaves_as_optax_does():
+    grads = {"w": jnp.asarray([3.0, 4.0]), "count": jnp.asarray([12], jnp.int32)}
+    np.testing.assert_allclose(float(optim.gradient_norm(grads)), 13.0, rtol=1e-6)
