@@ -148,18 +148,18 @@ def cpu_conv(
 class CpuConv(nn.Module):
     """`nn.Conv` (2D, NHWC, HWIO kernel named `kernel`) computed by `cpu_conv`: same parameters, faster on CPU.
 
-        Takes `nn.Conv`'s arguments for a 2-D conv, in the same order and with its conventions: `kernel_size` a
-        pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
-        pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
-        `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
-        the conv as `nn.Conv` does (string padding becomes the pairs lax computes for it; negative padding runs
-    `lax.conv_general_dilated`). Dilation and
-        unshared weights are not offered: use `nn.Conv` for those (and for 1-D and 3-D convs).
+    Takes `nn.Conv`'s arguments for a 2-D conv, in the same order and with its conventions: `kernel_size` a
+    pair (an int is a 1-D conv to flax, refused here rather than read as a square), `strides` an int or a
+    pair, `padding` 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or per dimension an int or a
+    `(low, high)` pair; inputs `(N, H, W, C)`, `(H, W, C)` or with more leading batch dims, flattened for
+    the conv as `nn.Conv` does. String padding becomes the pairs lax computes for it; negative padding runs
+    `lax.conv_general_dilated`. Dilation and unshared weights are not offered: use `nn.Conv` for those (and
+    for 1-D and 3-D convs).
 
-        Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of
-        `jax.grad`). Forward mode over the model itself (`jax.jvp`, `jax.jacfwd` of the outputs) does not where
-        the chosen form has a custom gradient (`jax.custom_vjp`: tap_grad, region_im2col, lax_winograd*_grad);
-        JAX then says so. Pin `RESNET_JAX_CONV_FORM=lax`, or build the model with `conv=nn.Conv`, for that.
+    Reverse-mode autodiff of any order works (`jax.grad`, Hessian-vector products as `jax.jvp` of
+    `jax.grad`). Forward mode over the model itself (`jax.jvp`, `jax.jacfwd` of the outputs) does not where
+    the chosen form has a custom gradient (`jax.custom_vjp`: tap_grad, region_im2col, lax_winograd*_grad);
+    JAX then says so. Pin `RESNET_JAX_CONV_FORM=lax`, or build the model with `conv=nn.Conv`, for that.
     """
 
     features: int

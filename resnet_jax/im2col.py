@@ -253,12 +253,12 @@ def grouped_tap_conv(
     """
     _, _, group_in, out = kernel.shape
     n = x.shape[0]
+    dtype = jnp.result_type(x, kernel)
     out_hw, rows, cols = live_taps(x.shape, kernel.shape, strides, padding)
     if not rows or not cols:  # every output position reads only padding
-        return jnp.zeros((n, *out_hw, out), jnp.result_type(x, kernel))
+        return jnp.zeros((n, *out_hw, out), dtype)
     x_padded = pad_map(x, padding)
     positions = n * out_hw[0] * out_hw[1]
-    dtype = jnp.result_type(x, kernel)
     # The taps' sum in float32 at least: summed in bf16 it had twice lax.conv's error.
     accumulate = jnp.promote_types(dtype, jnp.float32)
     y = None
