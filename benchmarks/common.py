@@ -340,9 +340,9 @@ def median(values: list[float]) -> float:
 
 
 def write_result(results_dir: str, name: str, payload: dict[str, Any]) -> str:
-    """Writes `payload` as `<results_dir>/<name>.json`; returns the path."""
+    """Writes `payload` as `<results_dir>/<name>.json` (`name` may already end in `.json`); returns the path."""
     os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"{name}.json")
+    path = os.path.join(results_dir, name if name.endswith(".json") else f"{name}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.write("\n")

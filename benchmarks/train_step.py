@@ -83,7 +83,9 @@ def parse_args(doc: str = __doc__, name: str = "train_step") -> argparse.Namespa
         help="each timed run repeats its calls for at least this long (0: exactly --steps calls)",
     )
     parser.add_argument("--results_dir", default=common.DEFAULT_RESULTS_DIR)
-    parser.add_argument("--name", default=name, help="file name of the JSON result")
+    parser.add_argument(
+        "--name", default=name, help="file name of the JSON result (.json is added if missing)"
+    )
     parser.add_argument("--quick", action="store_true", help="resnet18, 32 px, float32, 3 repeats")
     args = parser.parse_args()
     if args.quick:
