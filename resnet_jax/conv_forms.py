@@ -21,7 +21,8 @@ So `FORMS` holds, by name:
 * `winograd2`/`winograd4` and `lax_winograd*_grad`: Winograd F(2x2)/F(4x4, 3x3) (`resnet_jax.winograd`), for
   the whole conv or for the kernel gradient only;
 * `s2d_im2col`/`s2d_lax`: a wide stride-2 conv (the stem) over 2x2 space-to-depth blocks;
-* `grouped_taps`: a grouped conv (ResNeXt) as one matmul per tap batched over the groups (`resnet_jax.im2col`);
+* `grouped_im2col`: a grouped conv (ResNeXt) as one matmul of each group's patch matrix, batched over the groups
+  (`resnet_jax.im2col`);
   Winograd also takes groups, the other matmul forms do not.
 
 `form_supports` says which forms compute a conv, `static_form` is the choice without timing and
@@ -42,7 +43,7 @@ from jax import lax
 
 from resnet_jax import winograd
 from resnet_jax.im2col import (
-    grouped_tap_conv,
+    grouped_im2col_conv,
     im2col_conv,
     output_size,
     pad_map,
@@ -227,7 +228,7 @@ FORMS: dict[str, Callable[..., jax.Array]] = {
     "lax_winograd4_grad": functools.partial(conv_with_winograd_kernel_grad, tile=4),
     "s2d_im2col": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p),
     "s2d_lax": lambda x, k, s, p, g=1: space_to_depth_conv(x, k, s, p, lax_conv),
-    "grouped_taps": lambda x, k, s, p, g=1: grouped_tap_conv(x, k, s, p, g),
+    "grouped_im2col": lambda x, k, s, p, g=1: grouped_im2col_conv(x, k, s, p, g),
 }
 
 
@@ -248,7 +249,7 @@ def form_supports(
         return True
     if not isinstance(padding, str) and any(p < 0 for pair in padding for p in pair):
         return False  # negative padding crops the map: lax.conv's alone
-    if name == "grouped_taps":
+    if name == "grouped_im2col":
         return feature_group_count > 1 and not isinstance(padding, str)
     if "winograd" in name:
         return jnp.dtype(dtype).itemsize >= 4 and winograd.supports(kernel_shape, strides, padding)
@@ -286,12 +287,12 @@ def static_form(
         dtype=dtype,
     )
     if feature_group_count > 1:
-        # F(4x4) where the map holds a whole output tile (ResNeXt-50 at 64 px: 0.4-0.55x grouped_taps' time
-        # at 4x4-16x16 maps; on 2x2 maps it computes 16 outputs for 4, 3.3x slower).
+        # F(4x4) where the map holds a whole output tile (ResNeXt-50 at 64 px, forward + gradients: 0.2-0.8x
+        # grouped_im2col's time at 16x16-4x4 maps on a Zen 5; on 2x2 maps it computes 16 outputs for 4).
         if min(out_h, out_w) >= 4 and supports("winograd4"):
             return "winograd4"
-        if supports("grouped_taps"):
-            return "grouped_taps"
+        if supports("grouped_im2col"):
+            return "grouped_im2col"
     if not supports("im2col"):
         return "lax"  # negative padding, with or without groups
     if kh == kw == 1 or (out_h <= SMALL_MAP and out_w <= SMALL_MAP):
@@ -336,7 +337,7 @@ def candidate_forms(
         return ["im2col"]
     skipped = set(_NOT_TUNED)
     if feature_group_count > 1 and form_supports(
-        "grouped_taps", kernel_shape, strides, padding, feature_group_count
+        "grouped_im2col", kernel_shape, strides, padding, feature_group_count
     ):
         skipped.update(GROUPED_NOT_TIMED)
     if (
@@ -356,6 +357,6 @@ def candidate_forms(
 # Never the fastest where measured; kept in FORMS for benchmarks/conv_shapes.py.
 _NOT_TUNED = ("lax_winograd2_grad",)
 # XLA:CPU's grouped convolution (`lax`, and the forward of `lax_winograd*_grad`) took 30-65x the time of
-# `grouped_taps` or Winograd for every 3x3 conv of ResNeXt-50 at 64 px (0.4-5.3 s each, forward + gradients):
+# `grouped_taps` (one matmul per tap, the form before `grouped_im2col`) or Winograd for every 3x3 conv of ResNeXt-50 at 64 px (0.4-5.3 s each, forward + gradients):
 # timing it would cost seconds per shape to rule it out. Pinning `RESNET_JAX_CONV_FORM=lax` still runs it.
 GROUPED_NOT_TIMED = ("lax", "lax_winograd2_grad", "lax_winograd4_grad")

@@ -1,5 +1,5 @@
-"""A conv as matmuls over patch matrices: im2col, im2col by region of the output map, and grouped convs tap by
-tap (`grouped_tap_conv`: XLA:CPU's own grouped convolution is 30-65x slower).
+"""A conv as matmuls over patch matrices: im2col, im2col by region of the output map, and grouped convs by one
+patch matrix per group (`grouped_im2col_conv`: XLA:CPU's own grouped convolution is 30-65x slower).
 
 On the small maps of a ResNet's last stages (8x8 and below at 32 px inputs), XLA:CPU's convolution spends most
 of its time on the padding and one matmul of the patch matrix is the faster form (`resnet_jax.conv_forms`).
@@ -241,15 +241,18 @@ def region_im2col_conv(
     return bands[0] if len(bands) == 1 else jnp.concatenate(bands, axis=1)
 
 
-def grouped_tap_conv(
+def grouped_im2col_conv(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, groups: int
 ) -> jax.Array:
-    """A grouped conv (ResNeXt's 32 groups) as one matmul per live kernel tap, batched over the groups, summed.
+    """A grouped conv (ResNeXt's 32 groups) as one matmul of each group's patch matrix, batched over the groups.
 
     XLA:CPU's own grouped convolution is the slow path of its one Eigen routine: forward + gradients of
-    ResNeXt-50's 3x3 convs at 64 px, batch 32, took 0.4-5.3 s each on an AMD EPYC Zen 4, 30-65x this form's
-    time (benchmarks/README.md). Each tap's input (N, Ho, Wo, G * Cg) is read as (M, G, Cg) and multiplied by
-    that tap's (Cg, G, Og) weights: no patch matrix is built, and no product mixes groups.
+    ResNeXt-50's 3x3 convs at 64 px, batch 32, took 0.4-5.3 s each on an AMD EPYC Zen 4, 30-65x the time of
+    the forms here (benchmarks/README.md). The live taps' inputs are stacked per group, (M, G, taps * Cg), and
+    multiplied by each group's (taps * Cg, Og) weights in one dot batched over G: no product mixes groups, and
+    the taps are summed inside the dot. (One dot per tap, summed after, left nine outputs that XLA read back
+    with a group-major stride in whatever consumed the sum: 1.2-2.4x slower per conv, 23% slower ResNeXt-50
+    step on an AMD EPYC Zen 5.)
     """
     _, _, group_in, out = kernel.shape
     n = x.shape[0]
@@ -258,14 +261,20 @@ def grouped_tap_conv(
     if not rows or not cols:  # every output position reads only padding
         return jnp.zeros((n, *out_hw, out), dtype)
     x_padded = pad_map(x, padding)
-    positions = n * out_hw[0] * out_hw[1]
-    # The taps' sum in float32 at least: summed in bf16 it had twice lax.conv's error.
+    positions, taps = n * out_hw[0] * out_hw[1], len(rows) * len(cols)
+    patches = jnp.stack(
+        [
+            tap_input(x_padded, i, j, strides, out_hw).reshape(positions, groups, group_in)
+            for i in rows
+            for j in cols
+        ],
+        axis=2,
+    ).reshape(positions, groups, taps * group_in)
+    weights = jnp.stack([kernel[i, j] for i in rows for j in cols])  # (taps, Cg, G * Og)
+    weights = weights.reshape(taps, group_in, groups, out // groups).transpose(2, 0, 1, 3)
+    weights = weights.reshape(groups, taps * group_in, out // groups)
+    # Products and sums in float32 at least: a bf16 sum of the taps had twice lax.conv's error, and XLA:CPU's
+    # batched dot has no bf16 x bf16 -> float32 kernel ("Unsupported element type for DotThunk").
     accumulate = jnp.promote_types(dtype, jnp.float32)
-    y = None
-    for i in rows:
-        for j in cols:
-            tap = tap_input(x_padded, i, j, strides, out_hw).reshape(positions, groups, group_in)
-            weights = kernel[i, j].reshape(group_in, groups, out // groups)
-            term = jnp.einsum("mgc,cgo->mgo", tap, weights, preferred_element_type=accumulate)
-            y = term if y is None else y + term
+    y = jnp.einsum("mgk,gko->mgo", patches.astype(accumulate), weights.astype(accumulate))
     return y.astype(dtype).reshape(n, *out_hw, out)

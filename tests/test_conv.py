@@ -66,7 +66,7 @@ CASES = [
     (32, 32, 8, 16, 3, 2, 1, 1),  # 32x32 -> 16x16, the same
     (32, 32, 8, 8, 3, 1, 1, 1),  # large map: plain lax.conv
     (8, 8, 8, 8, 3, 1, 1, 4),  # grouped (ResNeXt): Winograd
-    (2, 2, 8, 8, 3, 1, 1, 2),  # grouped, 2x2 map: one matmul per tap over the groups
+    (2, 2, 8, 8, 3, 1, 1, 2),  # grouped, 2x2 map: a patch matrix per group
     (9, 7, 8, 12, 3, 2, 1, 4),  # grouped, strided, odd
     (6, 6, 8, 8, 3, 1, 1, 8),  # depthwise
     (4, 4, 8, 8, 1, 1, 0, 2),  # grouped 1x1

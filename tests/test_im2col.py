@@ -16,7 +16,7 @@ import pytest
 
 from resnet_jax import conv_forms
 from resnet_jax.im2col import (
-    grouped_tap_conv,
+    grouped_im2col_conv,
     im2col_conv,
     live_offsets,
     output_regions,
@@ -82,7 +82,7 @@ def test_matmul_forms_outputs_and_grads_equal_lax_conv(
 
 
 @pytest.mark.parametrize("height,width,kernel_size,stride,padding", CASES)
-def test_grouped_tap_form_outputs_and_grads_equal_lax_grouped_conv(
+def test_grouped_im2col_form_outputs_and_grads_equal_lax_grouped_conv(
     height, width, kernel_size, stride, padding
 ):
     # float64, 3 groups of 4 input and 2 output channels: the same sums as lax.conv's in another order.
@@ -95,7 +95,7 @@ def test_grouped_tap_form_outputs_and_grads_equal_lax_grouped_conv(
         )
         strides = (stride, stride)
         lax_grouped = functools.partial(conv_forms.lax_conv, feature_group_count=groups)
-        grouped = functools.partial(grouped_tap_conv, groups=groups)
+        grouped = functools.partial(grouped_im2col_conv, groups=groups)
         expected = output_and_grads(lax_grouped, x, kernel, strides, padding)
         actual = output_and_grads(grouped, x, kernel, strides, padding)
         for a, e in zip(actual, expected, strict=True):
