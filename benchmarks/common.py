@@ -312,18 +312,24 @@ def torch_compile_works() -> tuple[bool, str]:
 
 
 def alternate(
-    runners: dict[str, Runner], repeats: int, steps: int, min_seconds: float = 0.0
+    runners: dict[str, Runner],
+    repeats: int,
+    steps: int,
+    min_seconds: float = 0.0,
+    warmup_rounds: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each runner: `repeats` rounds, each timing every runner in turn for at least `steps`
     calls and at least `min_seconds` (a run of a few short calls is at the mercy of one scheduler hiccup on a
-    shared VM).
+    shared VM), after `warmup_rounds` untimed rounds of the same.
 
     Alternating within each round (and rotating who goes first) spreads load from other processes over all
-    runners alike; compare medians.
+    runners alike; compare medians. Warm-up: the first runs of a large model were slower than the rest for both
+    frameworks (AMD EPYC Zen 5: our ResNeXt-101 at 64 px 14, 20, then 27 images/s; our resnet50 128 px step
+    0.88 s, then 0.47-0.62 s; PyTorch's 0.95 s, then 0.65-0.78 s).
     """
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
+    for round_index in range(-warmup_rounds, repeats):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             calls = 0
@@ -331,7 +337,8 @@ def alternate(
             while calls < steps or time.perf_counter() - start < min_seconds:
                 runners[name]()
                 calls += 1
-            times[name].append((time.perf_counter() - start) / calls)
+            if round_index >= 0:
+                times[name].append((time.perf_counter() - start) / calls)
     return times
 
 

@@ -9,8 +9,9 @@ For each case (model, image size, dtype) it builds, in this one process: our ste
 `resnet_jax.steps.train_step`, compiled by `resnet_jax.parallel.DataParallel`, with the conv implementation(s)
 of `--convs`), PyTorch eager, and `torch.compile` (for the models of `--torch_compile` at the sizes of
 `--torch_compile_sizes`, by default resnet18 at 32 px only: its first compile took 3.5 min on the loaded
-2-core machine). It then alternates timed runs of all of them (`--repeats` rounds; each run takes at least
-`--steps` steps and `--min_run_seconds`, so that a 70 ms step is not judged by two calls) and prints the
+2-core machine). It then alternates runs of all of them, `--warmup_rounds` untimed rounds and `--repeats`
+timed ones (each run takes at least `--steps` steps and `--min_run_seconds`, so that a 70 ms step is not
+judged by two calls), and prints the
 median images/s and the ratio ours / PyTorch (above 1: we are faster). See common.py for the rules that make
 the comparison fair. Writes `<results_dir>/train_step.json`.
 
@@ -75,6 +76,12 @@ def parse_args(doc: str = __doc__, name: str = "train_step") -> argparse.Namespa
         "both frameworks; default: glibc's defaults",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--warmup_rounds",
+        type=int,
+        default=1,
+        help="untimed rounds of every runner before the timed ones (first runs of large models are slow)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="calls per timed run, at least")
     parser.add_argument(
         "--min_run_seconds",
@@ -137,7 +144,9 @@ def run_cases(args: argparse.Namespace, mode: str) -> None:
             build_seconds["torch_compile"] = time.perf_counter() - start
         for name, seconds in build_seconds.items():
             print(f"  built {name} (incl. compile and first call) in {seconds:.1f} s", flush=True)
-        times = common.alternate(runners, args.repeats, args.steps, args.min_run_seconds)
+        times = common.alternate(
+            runners, args.repeats, args.steps, args.min_run_seconds, args.warmup_rounds
+        )
         images_per_s = {name: batch_size / common.median(t) for name, t in times.items()}
         ratios = {}
         for ours in (n for n in runners if n.startswith("ours")):
