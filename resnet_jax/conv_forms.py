@@ -357,6 +357,7 @@ def candidate_forms(
 # Never the fastest where measured; kept in FORMS for benchmarks/conv_shapes.py.
 _NOT_TUNED = ("lax_winograd2_grad",)
 # XLA:CPU's grouped convolution (`lax`, and the forward of `lax_winograd*_grad`) took 30-65x the time of
-# `grouped_taps` (one matmul per tap, the form before `grouped_im2col`) or Winograd for every 3x3 conv of ResNeXt-50 at 64 px (0.4-5.3 s each, forward + gradients):
-# timing it would cost seconds per shape to rule it out. Pinning `RESNET_JAX_CONV_FORM=lax` still runs it.
+# Winograd or of one matmul per tap (the form before `grouped_im2col`) for every 3x3 conv of ResNeXt-50 at
+# 64 px (0.4-5.3 s each, forward + gradients): timing it would cost seconds per shape to rule it out.
+# Pinning `RESNET_JAX_CONV_FORM=lax` still runs it.
 GROUPED_NOT_TIMED = ("lax", "lax_winograd2_grad", "lax_winograd4_grad")
